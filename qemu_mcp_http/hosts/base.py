@@ -1,0 +1,99 @@
+"""The host seam: what VM operations need from a machine, local or remote.
+
+Operations receive a :class:`Host` and never know which kind they have.
+Commands are argv lists, never shell strings; over SSH each argument is
+``shlex.quote``d by the implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+__all__ = ["CommandResult", "FileStat", "Host"]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Outcome of a finished command, shaped like ``subprocess.CompletedProcess``."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    is_dir: bool
+    is_file: bool
+    is_symlink: bool
+
+
+class Host(abc.ABC):
+    """A machine on which VMs live."""
+
+    #: Name shown to clients (``data.host``).
+    name: str
+
+    @abc.abstractmethod
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        check: bool = True,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        """Run ``argv`` (no shell) and wait for it.
+
+        :raise QemuNotInstalled: ``argv[0]`` does not exist on the host (exit 127).
+        :raise CommandFailed: non-zero exit and ``check`` is true.
+        :raise OperationTimeout: it ran longer than ``timeout``; it has been killed.
+        :raise HostError: the host could not run it at all.
+        """
+
+    @abc.abstractmethod
+    async def read_files(self, paths: Sequence[str], *, timeout: float) -> Mapping[str, bytes | None]:
+        """Read several small files in one go; a missing or unreadable file maps to ``None``."""
+
+    @abc.abstractmethod
+    async def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
+        """Replace ``path`` atomically (temp file, fsync, rename): readers see old or new, never half."""
+
+    @abc.abstractmethod
+    async def stat(self, path: str, *, timeout: float) -> FileStat | None:
+        """``lstat`` of ``path``, or ``None`` when it does not exist."""
+
+    @abc.abstractmethod
+    async def list_dir(self, path: str, *, timeout: float) -> list[str]:
+        """Names in directory ``path``; ``[]`` when it does not exist."""
+
+    @abc.abstractmethod
+    async def open_unix_socket(self, path: str, *, timeout: float) -> socket.socket:
+        """A connected stream socket to the unix socket ``path`` on the host.
+
+        :raise QMPUnavailable: nothing listens there.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for hosts that hold nothing
+        """Release what the host holds (pooled hosts return their connection)."""
+
+    async def __aenter__(self) -> Host:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

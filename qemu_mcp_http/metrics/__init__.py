@@ -1,0 +1,1 @@
+"""Metrics of running VMs: pure parsers and the sampler."""

@@ -1,0 +1,85 @@
+"""The monitoring loop: a fixed schedule (sample n is due at start + n*interval), one QMP session throughout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInput, QemuMcpError, VMStateError
+from ..qmp import qmp_session
+from ..vm.lifecycle import VMManager
+from ..vm.spec import validate_name
+from .sampler import METRICS, HostClock, Metric, Sampler, sleep_until
+
+__all__ = ["MonitorRun", "monitor_vm", "parse_metrics"]
+
+OnSample = Callable[[int, dict[str, Any]], Awaitable[None]]
+
+
+def parse_metrics(metrics: str) -> tuple[Metric, ...]:
+    if metrics == "all":
+        return METRICS
+    if metrics in METRICS:
+        return (metrics,)
+    raise InvalidInput("metrics", f"{metrics!r} is not one of all, cpu, memory, disk, network")
+
+
+@dataclass
+class MonitorRun:
+    """What a monitoring call collected; kept even when it ends early."""
+
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    max_lateness_s: float = 0.0
+    ended_by: str = "count"
+
+
+async def monitor_vm(
+    vms: VMManager,
+    name: str,
+    metrics: str,
+    interval: float,
+    count: int,
+    on_sample: OnSample,
+    run: MonitorRun,
+) -> MonitorRun:
+    """Sample ``name`` ``count`` times (0: until cancelled or the server's maximum duration).
+
+    :raise VMStateError: the VM is not running, or stopped while being sampled (``run`` holds what was taken).
+    """
+    name = validate_name(name)
+    chosen = parse_metrics(metrics)
+    if interval < 1:
+        raise InvalidInput("interval", f"{interval:g} is below the minimum of 1 second")
+    if count < 0:
+        raise InvalidInput("count", f"{count} must be >= 0 (0 samples until the client cancels)")
+    settings = vms.settings
+    definition = await vms.store.load(name)
+    facts = (await vms.store.process_facts([name]))[name]
+    if not facts.alive or facts.pid is None:
+        raise VMStateError(f"VM {name} is not running; only running VMs can be monitored (start it first)")
+    paths = vms.store.paths(name)
+    clock = await HostClock.of(vms.host, settings.command_timeout)
+    loop = asyncio.get_running_loop()
+    async with qmp_session(vms.host, paths.qmp_socket, name, settings.qmp_timeout) as qmp:
+        sampler = Sampler(vms.host, definition, paths, facts.pid, qmp, clock, chosen, agent_timeout=1.0)
+        try:
+            await sampler.prepare(interval)
+        except QemuMcpError as exc:
+            raise VMStateError(f"VM {name} stopped before monitoring began: {exc.message}") from exc
+        start = loop.time()
+        stop_at = start + settings.monitor_max_duration
+        n = 0
+        while count == 0 or n < count:
+            due = start + n * interval
+            if due > stop_at:
+                run.ended_by = "max_duration"
+                break
+            await sleep_until(due)
+            run.max_lateness_s = max(run.max_lateness_s, loop.time() - due)
+            sample = await sampler.sample()
+            n += 1
+            run.samples.append(sample)
+            await on_sample(n, sample)
+    return run

@@ -1,0 +1,248 @@
+"""Sampling one running VM: QMP, /proc and the guest agent, read in as few round trips as they allow."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import OperationTimeout, QemuMcpError, QMPFailure, QMPUnavailable, VMStateError
+from ..hosts.base import Host
+from ..qga import guest_agent
+from ..qmp import QMPSession
+from ..vm.paths import VMPaths
+from ..vm.spec import MIB, VMDefinition
+from .parse import (
+    ProcStat,
+    block_sizes,
+    blockstats_by_device,
+    guest_nic_stats,
+    parse_proc_stat,
+    parse_status_rss_kib,
+    parse_uptime,
+)
+
+__all__ = ["METRICS", "HostClock", "Sampler"]
+
+log = logging.getLogger(__name__)
+
+Metric = Literal["cpu", "memory", "disk", "network"]
+METRICS: tuple[Metric, ...] = ("cpu", "memory", "disk", "network")
+BALLOON_PATH = "/machine/peripheral/balloon0"
+#: Retry a silent guest agent only every this many samples, so a guest without one costs little.
+AGENT_RETRY_EVERY = 10
+
+
+@dataclass(frozen=True)
+class HostClock:
+    """Facts of the host needed to turn tick counters into percentages."""
+
+    clk_tck: int
+    cpus: int
+
+    @classmethod
+    async def of(cls, host: Host, timeout: float) -> HostClock:
+        tck = await host.run(["getconf", "CLK_TCK"], timeout=timeout)
+        cpus = await host.run(["nproc"], timeout=timeout)
+        return cls(clk_tck=int(tck.stdout.strip()), cpus=int(cpus.stdout.strip()))
+
+
+def _rate(now: int, before: int, seconds: float) -> float:
+    return round((now - before) / seconds, 2) if seconds > 0 else 0.0
+
+
+class Sampler:
+    """Takes samples of one VM; keeps the previous counters to turn them into rates."""
+
+    def __init__(
+        self,
+        host: Host,
+        definition: VMDefinition,
+        paths: VMPaths,
+        pid: int,
+        qmp: QMPSession,
+        clock: HostClock,
+        metrics: Sequence[Metric],
+        agent_timeout: float,
+    ) -> None:
+        self.host = host
+        self.definition = definition
+        self.paths = paths
+        self.pid = pid
+        self.qmp = qmp
+        self.clock = clock
+        self.metrics = tuple(metrics)
+        self.agent_timeout = agent_timeout
+        self._prev: dict[str, Any] | None = None
+        self._samples = 0
+        self._agent_silent_since: int | None = None
+        self._vcpu_threads: list[tuple[int, int]] | None = None
+
+    async def prepare(self, interval: float) -> None:
+        if "memory" in self.metrics:
+            try:
+                await self.qmp.execute(
+                    "qom-set",
+                    {"path": BALLOON_PATH, "property": "guest-stats-polling-interval", "value": max(1, int(interval))},
+                )
+            except QMPFailure as exc:
+                log.info("guest memory statistics unavailable for %s: %s", self.definition.name, exc)
+        if "cpu" in self.metrics:
+            cpus = await self.qmp.execute("query-cpus-fast")
+            self._vcpu_threads = [(int(c["cpu-index"]), int(c["thread-id"])) for c in cpus]
+
+    async def sample(self) -> dict[str, Any]:
+        """One sample of the chosen metrics.
+
+        :raise VMStateError: QEMU is gone (the VM stopped or was killed).
+        """
+        pid = self.pid
+        files = [f"/proc/{pid}/stat", f"/proc/{pid}/status", "/proc/uptime"]
+        threads = self._vcpu_threads or []
+        files += [f"/proc/{pid}/task/{tid}/stat" for _, tid in threads]
+        try:
+            raw = await self.host.read_files(files, timeout=self.qmp.timeout)
+            counters: dict[str, Any] = {}
+            if raw[files[0]] is None:
+                raise QMPUnavailable("process gone")
+            uptime = parse_uptime(raw["/proc/uptime"] or b"0")
+            proc = parse_proc_stat(raw[files[0]] or b"")
+            counters["t"] = uptime
+            counters["proc"] = proc
+            counters["threads"] = {
+                idx: parse_proc_stat(raw[f"/proc/{pid}/task/{tid}/stat"] or b"")
+                for idx, tid in threads
+                if raw.get(f"/proc/{pid}/task/{tid}/stat")
+            }
+            out: dict[str, Any] = {"timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")}
+            started = proc.starttime / self.clock.clk_tck
+            prev = self._prev
+            seconds = uptime - (prev["t"] if prev else started)
+            out["rates_over"] = "interval" if prev else "since_vm_start"
+            out["rate_seconds"] = round(seconds, 3)
+            if "cpu" in self.metrics:
+                out["cpu"] = self._cpu(counters, prev, seconds)
+            if "memory" in self.metrics:
+                out["memory"] = await self._memory(raw[files[1]])
+            if "disk" in self.metrics:
+                disk, counters["disk"] = await self._disk(prev, seconds)
+                out["disk"] = disk
+            if "network" in self.metrics:
+                net, counters["net"] = await self._network(prev, seconds)
+                out["network"] = net
+        except (QMPUnavailable, OperationTimeout) as exc:
+            if isinstance(exc, OperationTimeout):
+                raise
+            raise VMStateError(f"VM {self.definition.name} is no longer running (QEMU pid {pid} is gone)") from exc
+        self._prev = counters
+        self._samples += 1
+        return out
+
+    def _cpu(self, counters: dict[str, Any], prev: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+        tck = self.clock.clk_tck
+        proc: ProcStat = counters["proc"]
+        before = prev["proc"].cpu_ticks if prev else 0
+        busy = (proc.cpu_ticks - before) / tck
+        per_core = 100.0 * busy / seconds if seconds > 0 else 0.0
+        vcpus = []
+        for idx, stat in sorted(counters["threads"].items()):
+            was = prev["threads"].get(idx) if prev else None
+            used = (stat.cpu_ticks - (was.cpu_ticks if was else 0)) / tck
+            vcpus.append(
+                {
+                    "index": idx,
+                    "cpu_seconds": round(stat.cpu_ticks / tck, 2),
+                    "cpu_percent": round(100.0 * used / seconds, 2) if seconds > 0 else 0.0,
+                }
+            )
+        return {
+            "vcpu_count": self.definition.vcpus,
+            "host_cpu_percent": round(per_core / self.clock.cpus, 2),
+            "process_cpu_percent": round(per_core, 2),
+            "process_cpu_seconds": round(proc.cpu_ticks / tck, 2),
+            "host_cpus": self.clock.cpus,
+            "vcpus": vcpus,
+        }
+
+    async def _memory(self, status: bytes | None) -> dict[str, Any]:
+        rss = parse_status_rss_kib(status or b"")
+        out: dict[str, Any] = {
+            "configured_bytes": self.definition.memory_mib * MIB,
+            "qemu_rss_bytes": rss * 1024 if rss is not None else None,
+        }
+        try:
+            balloon = await self.qmp.execute("query-balloon")
+            out["balloon_actual_bytes"] = int(balloon["actual"])
+        except QMPFailure as exc:
+            out["balloon_actual_bytes"] = None
+            out["balloon_reason"] = str(exc)
+        try:
+            stats = await self.qmp.execute("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})
+        except QMPFailure:
+            stats = {}
+        values = (stats or {}).get("stats", {})
+        total, free = values.get("stat-total-memory", -1), values.get("stat-free-memory", -1)
+        if (stats or {}).get("last-update", 0) and total >= 0 and free >= 0:
+            out["guest_total_bytes"], out["guest_free_bytes"] = int(total), int(free)
+            available = values.get("stat-available-memory", -1)
+            out["guest_available_bytes"] = int(available) if available >= 0 else None
+        else:
+            out["guest_total_bytes"] = out["guest_free_bytes"] = None
+            out["guest_reason"] = "the guest's balloon driver has not reported statistics"
+        return out
+
+    async def _disk(self, prev: dict[str, Any] | None, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
+        stats = blockstats_by_device(await self.qmp.execute("query-blockstats"))
+        sizes = block_sizes(await self.qmp.execute("query-block"))
+        devices: dict[str, Any] = {}
+        for name, now in stats.items():
+            if name not in sizes:  # an empty CD-ROM drive or an internal node
+                continue
+            was = prev["disk"].get(name) if prev else None
+            base = was or dict.fromkeys(now, 0)
+            devices[name] = {
+                **now,
+                "read_bytes_per_s": _rate(now["read_bytes"], base["read_bytes"], seconds),
+                "write_bytes_per_s": _rate(now["write_bytes"], base["write_bytes"], seconds),
+                "read_ops_per_s": _rate(now["read_ops"], base["read_ops"], seconds),
+                "write_ops_per_s": _rate(now["write_ops"], base["write_ops"], seconds),
+                **sizes[name],
+            }
+        return {"devices": devices}, stats
+
+    async def _network(self, prev: dict[str, Any] | None, seconds: float) -> tuple[dict[str, Any], Any]:
+        reason = "user-mode networking has no host-side counters and the guest agent (qemu-guest-agent) did not answer"
+        silent = self._agent_silent_since
+        if silent is not None and (self._samples - silent) % AGENT_RETRY_EVERY:
+            return {"nic0": None, "source": None, "reason": reason}, None
+        try:
+            async with guest_agent(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
+                reply = await agent.execute("guest-network-get-interfaces")
+        except QemuMcpError:
+            self._agent_silent_since = self._samples
+            return {"nic0": None, "source": None, "reason": reason}, None
+        self._agent_silent_since = None
+        now = guest_nic_stats(reply, self.definition.mac)
+        if now is None:
+            return {"nic0": None, "source": "guest-agent", "reason": "the guest agent reports no statistics"}, None
+        was = prev.get("net") if prev else None
+        if was is None and prev is not None:
+            rates: dict[str, float | None] = dict.fromkeys(("rx_bytes_per_s", "tx_bytes_per_s"), None)
+        else:
+            base = was or dict.fromkeys(now, 0)
+            rates = {
+                "rx_bytes_per_s": _rate(now["rx_bytes"], base["rx_bytes"], seconds),
+                "tx_bytes_per_s": _rate(now["tx_bytes"], base["tx_bytes"], seconds),
+                "rx_packets_per_s": _rate(now["rx_packets"], base["rx_packets"], seconds),
+                "tx_packets_per_s": _rate(now["tx_packets"], base["tx_packets"], seconds),
+            }
+        return {"nic0": {**now, **rates}, "source": "guest-agent"}, now
+
+
+async def sleep_until(deadline: float) -> None:
+    delay = deadline - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)

@@ -1,0 +1,100 @@
+"""The QEMU command line of a VM: a pure function of its definition."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .paths import VMPaths
+from .spec import VMDefinition
+
+__all__ = ["ARM64_FIRMWARE", "FirmwarePaths", "qemu_argv", "qemu_binary"]
+
+
+@dataclass(frozen=True)
+class FirmwarePaths:
+    code: str
+    vars_template: str
+
+
+#: UEFI for arm64 guests, from Debian's qemu-efi-aarch64 package.
+ARM64_FIRMWARE = FirmwarePaths(
+    code="/usr/share/AAVMF/AAVMF_CODE.fd",
+    vars_template="/usr/share/AAVMF/AAVMF_VARS.fd",
+)
+
+_BINARIES = {"x86_64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+
+
+def qemu_binary(arch: str) -> str:
+    return _BINARIES[arch]
+
+
+def qemu_argv(
+    definition: VMDefinition,
+    paths: VMPaths,
+    accel: str,
+    firmware: FirmwarePaths = ARM64_FIRMWARE,
+) -> list[str]:
+    """Argv that starts ``definition`` daemonized, with QMP, pid file and serial log under ``paths``.
+
+    Every user-supplied value sits after ``=`` inside an option value, never as
+    an argv element of its own, so none can be taken for an option; paths were
+    validated to hold no commas (they would split QEMU's option strings).
+    """
+    d = definition
+    argv = [qemu_binary(d.arch), "-name", f"guest={d.name},process=qemu-{d.name}"]
+    if d.arch == "x86_64":
+        argv += ["-machine", d.machine]
+    else:
+        argv += [
+            "-machine",
+            d.machine,
+            "-cpu",
+            "cortex-a57" if accel == "tcg" else "host",
+        ]
+    argv += [
+        "-accel", accel,
+        "-m", f"{d.memory_mib}M",
+        "-smp", str(d.vcpus),
+        "-uuid", d.uuid,
+        "-nodefaults",
+        "-no-user-config",
+    ]  # fmt: skip
+    if d.arch == "arm64":
+        argv += [
+            "-drive", f"if=pflash,format=raw,readonly=on,file={firmware.code}",
+            "-drive", f"if=pflash,format=raw,file={paths.efi_vars}",
+        ]  # fmt: skip
+    argv += [
+        "-drive", f"file={d.disk.path},if=none,id=disk0,format={d.disk.format},node-name=disk0-fmt",
+        "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1",
+    ]  # fmt: skip
+    if d.iso:
+        if d.arch == "x86_64":
+            cd_device = ["-device", "ide-cd,drive=cd0,id=cdrom0,bootindex=2"]
+        else:
+            cd_device = [
+                "-device", "virtio-scsi-pci,id=scsi0",
+                "-device", "scsi-cd,drive=cd0,bus=scsi0.0,id=cdrom0,bootindex=2",
+            ]  # fmt: skip
+        argv += [
+            "-drive",
+            f"file={d.iso},if=none,id=cd0,media=cdrom,readonly=on",
+            *cd_device,
+        ]
+    argv += [
+        "-netdev", "user,id=net0",
+        "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={d.mac}",
+        "-device", "virtio-balloon-pci,id=balloon0",
+        # Guest agent channel: network statistics come from qemu-guest-agent when the guest runs it.
+        "-chardev", f"socket,id=qga0,path={paths.qga_socket},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vserial0",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-chardev", f"file,id=serial0,path={paths.console_log}",
+        "-serial", "chardev:serial0",
+        "-display", "none",
+        "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
+        "-pidfile", paths.pidfile,
+        "-daemonize",
+    ]  # fmt: skip
+    return argv

@@ -1,0 +1,56 @@
+"""Where a VM's files live: ``<vm_dir>/<name>/``."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+__all__ = ["UNIX_PATH_MAX", "VMPaths"]
+
+#: sun_path holds 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    vm_dir: str
+    name: str
+
+    @property
+    def directory(self) -> str:
+        return posixpath.join(self.vm_dir, self.name)
+
+    def _file(self, filename: str) -> str:
+        return posixpath.join(self.directory, filename)
+
+    @property
+    def definition(self) -> str:
+        return self._file("vm.json")
+
+    @property
+    def runtime(self) -> str:
+        """Facts of the current run (accelerator, start time, argv); stale once QEMU is gone."""
+        return self._file("runtime.json")
+
+    @property
+    def qmp_socket(self) -> str:
+        return self._file("qmp.sock")
+
+    @property
+    def qga_socket(self) -> str:
+        return self._file("qga.sock")
+
+    @property
+    def pidfile(self) -> str:
+        return self._file("qemu.pid")
+
+    @property
+    def console_log(self) -> str:
+        return self._file("console.log")
+
+    @property
+    def efi_vars(self) -> str:
+        return self._file("efivars.fd")
+
+    def default_disk(self) -> str:
+        return self._file(f"{self.name}.qcow2")

@@ -1,0 +1,230 @@
+"""Parsing and validation of tool arguments, and the VM definition stored on disk.
+
+Pure functions: no I/O here, so every rule is unit-testable.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from ..errors import InvalidInput, LimitExceeded
+
+__all__ = [
+    "ARCHES",
+    "DiskSpec",
+    "VMDefinition",
+    "format_size",
+    "parse_arch",
+    "parse_disk",
+    "parse_memory_mib",
+    "parse_size_bytes",
+    "validate_name",
+    "validate_path",
+    "validate_vcpus",
+]
+
+Arch = Literal["x86_64", "arm64"]
+ARCHES: tuple[Arch, ...] = ("x86_64", "arm64")
+_ARCH_ALIASES: dict[str, Arch] = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "arm64": "arm64",
+    "aarch64": "arm64",
+}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+GIB = 1 << 30
+MIB = 1 << 20
+DEFINITION_VERSION = 1
+
+
+def validate_name(name: str | None) -> str:
+    if not name:
+        raise InvalidInput("name", "a VM name is required, e.g. name='web-1'")
+    if not NAME_RE.fullmatch(name):
+        raise InvalidInput(
+            "name",
+            f"{name!r} is not allowed; use 1-63 characters from A-Z a-z 0-9 . _ - starting with a letter or digit",
+        )
+    return name
+
+
+def parse_arch(arch: str | None) -> Arch:
+    if not arch:
+        raise InvalidInput("arch", "required for create; use x86_64 or arm64")
+    try:
+        return _ARCH_ALIASES[arch.strip().lower()]
+    except KeyError:
+        raise InvalidInput(  # noqa: B904 - the KeyError says nothing the message does not
+            "arch",
+            f"{arch!r} is not supported; use x86_64 (alias amd64) or arm64 (alias aarch64)",
+        )
+
+
+def parse_size_bytes(text: str, field_name: str, default_unit: str = "") -> int:
+    """``20G``, ``512M``, ``1.5T``, ``4096`` (bytes unless ``default_unit``) → bytes."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if not match:
+        raise InvalidInput(
+            field_name,
+            f"{text!r} is not a size; use a number with K, M, G or T, e.g. 20G or 4096M",
+        )
+    number, unit = match.groups()
+    value = float(number) * _UNITS[(unit or default_unit).upper()]
+    if value <= 0 or value != int(value):
+        raise InvalidInput(field_name, f"{text!r} must be a positive whole number of bytes")
+    return int(value)
+
+
+def parse_memory_mib(text: str | int, max_mib: int) -> int:
+    """Memory as ``2G`` / ``4096M`` / ``512M`` (a bare number is MiB, as QEMU's ``-m``) → MiB."""
+    raw = str(text)
+    size = parse_size_bytes(raw, "memory", default_unit="M")
+    if size % MIB:
+        raise InvalidInput("memory", f"{raw!r} must be a whole number of MiB, e.g. 512M or 2G")
+    mib = size // MIB
+    if mib < 16:
+        raise InvalidInput("memory", f"{raw!r} is too small; give at least 16M")
+    if mib > max_mib:
+        raise LimitExceeded(f"memory {raw} exceeds this server's limit of {format_size(max_mib * MIB)}")
+    return mib
+
+
+def validate_vcpus(vcpus: int, max_vcpus: int) -> int:
+    if isinstance(vcpus, bool) or not isinstance(vcpus, int) or vcpus < 1:
+        raise InvalidInput("vcpus", f"{vcpus!r} must be a whole number >= 1")
+    if vcpus > max_vcpus:
+        raise LimitExceeded(f"vcpus {vcpus} exceeds this server's limit of {max_vcpus}")
+    return vcpus
+
+
+def validate_path(path: str, field_name: str) -> str:
+    """An absolute, normalised path that cannot be taken for an option or a QEMU sub-option."""
+    if not path or not path.startswith("/"):
+        raise InvalidInput(
+            field_name,
+            f"{path!r} must be an absolute path, e.g. /var/lib/qemu/iso/debian.iso",
+        )
+    if "," in path or "\n" in path or "\0" in path:
+        # A comma would split QEMU's -drive option string into further options.
+        raise InvalidInput(field_name, f"{path!r} may not contain commas, newlines or NUL bytes")
+    return posixpath.normpath(path)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A parsed ``disk`` argument: ``path=/x.qcow2,size=20G[,format=raw]``; every key optional."""
+
+    path: str | None = None
+    size_bytes: int | None = None
+    format: Literal["qcow2", "raw"] | None = None
+
+
+def parse_disk(text: str | None, max_disk_bytes: int) -> DiskSpec:
+    if text is None or not text.strip():
+        return DiskSpec()
+    values: dict[str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("path", "size", "format") or not value.strip():
+            raise InvalidInput(
+                "disk",
+                f"{text!r} is malformed; use 'path=/data/vm/disk.qcow2,size=20G' (keys: path, size, format)",
+            )
+        if key in values:
+            raise InvalidInput("disk", f"{key!r} is given twice in {text!r}")
+        values[key] = value.strip()
+    path = validate_path(values["path"], "disk") if "path" in values else None
+    size = parse_size_bytes(values["size"], "disk") if "size" in values else None
+    if size is not None and size > max_disk_bytes:
+        raise LimitExceeded(f"disk size {values['size']} exceeds this server's limit of {format_size(max_disk_bytes)}")
+    fmt = values.get("format")
+    if fmt is not None and fmt not in ("qcow2", "raw"):
+        raise InvalidInput("disk", f"format {fmt!r} is not supported; use qcow2 or raw")
+    return DiskSpec(path=path, size_bytes=size, format=fmt)  # type: ignore[arg-type]
+
+
+def disk_format_for(path: str, given: str | None) -> Literal["qcow2", "raw"]:
+    if given == "raw" or (given is None and path.lower().endswith((".raw", ".img"))):
+        return "raw"
+    return "qcow2"
+
+
+def format_size(size_bytes: int) -> str:
+    """Bytes → the shortest exact ``20G`` / ``512M`` / ``1536K`` form."""
+    for unit in ("T", "G", "M", "K"):
+        if size_bytes >= _UNITS[unit] and size_bytes % _UNITS[unit] == 0:
+            return f"{size_bytes // _UNITS[unit]}{unit}"
+    return str(size_bytes)
+
+
+@dataclass(frozen=True)
+class DiskDefinition:
+    path: str
+    format: Literal["qcow2", "raw"]
+    size_bytes: int
+    #: True when create made this file; delete only removes files the tool created.
+    created_by_tool: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "size": format_size(self.size_bytes),
+            "format": self.format,
+        }
+
+
+@dataclass(frozen=True)
+class VMDefinition:
+    """What is stored in ``<vm_dir>/<name>/vm.json``: all a VM needs to start the same way again."""
+
+    name: str
+    arch: Arch
+    memory_mib: int
+    vcpus: int
+    disk: DiskDefinition
+    iso: str | None
+    uuid: str
+    mac: str
+    created_at: str
+    machine: str
+    version: int = DEFINITION_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def memory(self) -> str:
+        return format_size(self.memory_mib * MIB)
+
+    def summary(self) -> dict[str, Any]:
+        """The configuration as clients see it (``details``, ``list_vms``)."""
+        return {
+            "arch": self.arch,
+            "memory": self.memory,
+            "vcpus": self.vcpus,
+            "disk": self.disk.summary(),
+            "iso": self.iso,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VMDefinition:
+        """:raise ValueError: the data is not a definition this version understands."""
+        try:
+            disk = DiskDefinition(**data["disk"])
+            fields_ = {k: v for k, v in data.items() if k != "disk"}
+            definition = cls(disk=disk, **fields_)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a VM definition: {exc}") from exc
+        if definition.arch not in ARCHES or not NAME_RE.fullmatch(definition.name):
+            raise ValueError("not a VM definition: bad name or arch")
+        return definition
+
+    def evolve(self, **changes: Any) -> VMDefinition:
+        return replace(self, **changes)

@@ -1,0 +1,140 @@
+"""VM definitions and run-time facts on a host's disk, read in batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import VMNotFound
+from ..hosts.base import Host
+from .paths import VMPaths
+from .spec import VMDefinition
+
+__all__ = ["ProcessFacts", "VMStore", "parse_pid", "process_matches"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessFacts:
+    """What the pid file and /proc say about a VM's QEMU, before asking QMP."""
+
+    pid: int | None
+    alive: bool
+    runtime: Mapping[str, Any]
+
+
+def parse_pid(raw: bytes | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        pid = int(raw.decode().strip())
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
+
+
+def process_matches(cmdline: bytes | None, paths: VMPaths) -> bool:
+    """True when ``/proc/<pid>/cmdline`` is this VM's QEMU (a reused pid is someone else)."""
+    if not cmdline:
+        return False
+    args = cmdline.split(b"\0")
+    return bool(args) and b"qemu-system-" in args[0] and f"unix:{paths.qmp_socket},".encode() in cmdline
+
+
+class VMStore:
+    """The VMs of one ``vm_dir`` on one host."""
+
+    def __init__(self, host: Host, vm_dir: str, io_timeout: float) -> None:
+        self.host = host
+        self.vm_dir = vm_dir
+        self.io_timeout = io_timeout
+
+    def paths(self, name: str) -> VMPaths:
+        return VMPaths(self.vm_dir, name)
+
+    async def load(self, name: str) -> VMDefinition:
+        """:raise VMNotFound: no (readable, valid) definition of ``name``."""
+        path = self.paths(name).definition
+        raw = (await self.host.read_files([path], timeout=self.io_timeout))[path]
+        definition = self._decode(name, raw)
+        if definition is None:
+            raise VMNotFound(
+                f"VM {name} not found in {self.vm_dir} on {self.host.name}; "
+                "list_vms shows the VMs there, create makes a new one"
+            )
+        return definition
+
+    async def load_all(self) -> tuple[list[VMDefinition], list[str]]:
+        """Every VM of ``vm_dir``, in two round trips; also names of directories that hold no valid VM."""
+        names = [n for n in await self.host.list_dir(self.vm_dir, timeout=self.io_timeout) if not n.startswith(".")]
+        files = [self.paths(n).definition for n in names]
+        raws = await self.host.read_files(files, timeout=self.io_timeout) if files else {}
+        good: list[VMDefinition] = []
+        broken: list[str] = []
+        for name, path in zip(names, files, strict=True):
+            definition = self._decode(name, raws.get(path))
+            if definition is not None:
+                good.append(definition)
+            elif raws.get(path) is not None:
+                broken.append(name)
+        return good, broken
+
+    async def save(self, definition: VMDefinition) -> None:
+        data = json.dumps(definition.to_json(), indent=2, sort_keys=True).encode() + b"\n"
+        await self.host.write_file(self.paths(definition.name).definition, data, timeout=self.io_timeout)
+
+    async def save_runtime(self, name: str, runtime: Mapping[str, Any]) -> None:
+        data = json.dumps(dict(runtime), sort_keys=True).encode() + b"\n"
+        await self.host.write_file(self.paths(name).runtime, data, timeout=self.io_timeout)
+
+    async def process_facts(self, names: Sequence[str]) -> dict[str, ProcessFacts]:
+        """Pid, liveness and run-time facts of several VMs in two batched reads."""
+        first = []
+        for name in names:
+            paths = self.paths(name)
+            first += [paths.pidfile, paths.runtime]
+        raws = await self.host.read_files(first, timeout=self.io_timeout) if first else {}
+        pids = {name: parse_pid(raws.get(self.paths(name).pidfile)) for name in names}
+        proc_paths = {name: f"/proc/{pid}/cmdline" for name, pid in pids.items() if pid is not None}
+        cmdlines = await self.host.read_files(list(proc_paths.values()), timeout=self.io_timeout) if proc_paths else {}
+        facts: dict[str, ProcessFacts] = {}
+        for name in names:
+            pid = pids[name]
+            alive = pid is not None and process_matches(cmdlines.get(proc_paths[name]), self.paths(name))
+            runtime: Mapping[str, Any] = {}
+            raw_runtime = raws.get(self.paths(name).runtime)
+            if alive and raw_runtime:
+                try:
+                    runtime = json.loads(raw_runtime)
+                except ValueError:
+                    runtime = {}
+            facts[name] = ProcessFacts(pid=pid if alive else None, alive=alive, runtime=runtime)
+        return facts
+
+    def _decode(self, name: str, raw: bytes | None) -> VMDefinition | None:
+        if raw is None:
+            return None
+        try:
+            definition = VMDefinition.from_json(json.loads(raw))
+        except ValueError as exc:
+            log.warning(
+                "ignoring unreadable definition of %s in %s on %s: %s",
+                name,
+                self.vm_dir,
+                self.host.name,
+                exc,
+            )
+            return None
+        if definition.name != name:
+            log.warning(
+                "ignoring definition in %s/%s: it names VM %s",
+                self.vm_dir,
+                name,
+                definition.name,
+            )
+            return None
+        return definition
