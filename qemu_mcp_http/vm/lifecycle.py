@@ -431,23 +431,23 @@ class VMManager:
         name = validate_name(name)
         async with self._lock(name):
             definition = await self.store.load(name)
-            method, _ = await self._stop_locked(definition, timeout)
             paths = self.store.paths(name)
-            removed: list[str] = []
-            kept: list[str] = []
             disk = definition.disk
             inside = disk.path.startswith(paths.directory + "/")
+            if inside and not disk.created_by_tool:
+                # Refuse before touching anything: removing the directory would take the user's disk with it.
+                raise VMStateError(
+                    f"VM {name} has an attached disk inside its directory ({disk.path}); move it out before delete"
+                )
+            method, _ = await self._stop_locked(definition, timeout)
+            removed: list[str] = []
+            kept: list[str] = []
             if disk.created_by_tool:
                 if not inside:
                     await self._run("rm", "-f", "--", disk.path)
                 removed.append(disk.path)
             else:
                 kept.append(disk.path)
-            if inside and not disk.created_by_tool:
-                # An attached disk that lives in the VM directory is moved out of harm's way first.
-                raise VMStateError(
-                    f"VM {name} has an attached disk inside its directory ({disk.path}); move it out before delete"
-                )
             # rm never follows symlinks inside the tree, and the directory path itself holds no symlink we made.
             await self._run("rm", "-rf", "--", paths.directory)
             removed.append(paths.directory)

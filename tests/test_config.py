@@ -1,0 +1,32 @@
+"""Settings: defaults, environment, flags, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from qemu_mcp_http.config import Settings, parse_settings
+
+
+def test_defaults() -> None:
+    s = parse_settings([], {})
+    assert (s.host, s.port, s.vm_dir, s.accel) == ("127.0.0.1", 8000, "/var/lib/qemu", "auto")
+    assert s.ssh_host_key_policy == "strict"
+
+
+def test_environment_then_flags() -> None:
+    env = {"QEMU_MCP_VM_DIR": "/srv/vms", "QEMU_MCP_PORT": "9000", "QEMU_MCP_ACCEL": "tcg"}
+    s = parse_settings(["--port", "9100"], env)
+    assert (s.vm_dir, s.port, s.accel) == ("/srv/vms", 9100, "tcg")
+
+
+def test_bad_values_are_named() -> None:
+    with pytest.raises(ValueError, match="QEMU_MCP_PORT"):
+        parse_settings([], {"QEMU_MCP_PORT": "eighty"})
+    with pytest.raises(ValueError, match="vm_dir must be an absolute path"):
+        parse_settings([], {"QEMU_MCP_VM_DIR": "vms"})
+    with pytest.raises(ValueError, match="qmp_timeout must be > 0"):
+        Settings(qmp_timeout=0)
+    with pytest.raises(ValueError, match="accel must be one of"):
+        Settings(accel="hvf")  # type: ignore[arg-type]
+    with pytest.raises(SystemExit):
+        parse_settings(["--accel", "hvf"], {})
