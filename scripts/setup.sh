@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install what qemu-mcp-http needs on Debian/Ubuntu, then the package into ./.venv.
+#   scripts/setup.sh          server only
+#   scripts/setup.sh --test   plus what the tests need (sshd, guest image tools, test extras)
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=0
+[[ "${1:-}" == "--test" ]] && want_tests=1
+
+packages=(qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils openssh-client python3 python3-venv ca-certificates)
+if ((want_tests)); then
+    # sshd for the remote-host tests; grub/xorriso/mtools/cpio/busybox build the bootable test guest.
+    packages+=(openssh-server grub-common grub-pc-bin xorriso mtools cpio busybox-static dpkg-dev procps iproute2)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    ((EUID == 0)) || sudo="sudo"
+    echo "setup: installing ${missing[*]}" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+if [[ ! -x .venv/bin/python ]]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ((want_tests)); then
+    .venv/bin/python -m pip install -q -e '.[test]'
+else
+    .venv/bin/python -m pip install -q -e .
+fi
