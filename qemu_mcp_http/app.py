@@ -9,18 +9,29 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import uvicorn
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult
-from pydantic import ValidationError
+from pydantic import AnyHttpUrl, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from . import __version__
-from .config import Settings, parse_settings
+from .config import Settings, is_loopback, parse_settings
 from .context import AppContext
+from .security import (
+    SCOPE,
+    HeaderGuard,
+    StaticTokenVerifier,
+    default_allowed_hosts,
+    default_allowed_origins,
+    load_tokens,
+)
 from .tools import list_vms, manage_vm, monitor_vm_status
 from .tools._common import envelope
 
@@ -66,11 +77,24 @@ def build_mcp(app_context: AppContext) -> QemuMCPServer:
         async with app_context:
             yield app_context
 
+    settings = app_context.settings
+    tokens = load_tokens(settings)
+    auth: dict[str, Any] = {}
+    if tokens:
+        auth = {
+            "token_verifier": StaticTokenVerifier(tokens),
+            "auth": AuthSettings(
+                issuer_url=AnyHttpUrl(f"http://{settings.host}:{settings.port}"),
+                resource_server_url=None,
+                required_scopes=[SCOPE],
+            ),
+        }
     server = QemuMCPServer(
         name="qemu-mcp-http",
         version=__version__,
         instructions="Manage QEMU virtual machines on this host or on remote hosts over SSH.",
         lifespan=lifespan,
+        **auth,
     )
     for module in (manage_vm, list_vms, monitor_vm_status):
         fn = getattr(module, module.__name__.rsplit(".", 1)[1])
@@ -82,7 +106,13 @@ def build_app(settings: Settings) -> Starlette:
     """The ASGI app: ``/mcp`` (streamable HTTP, SSE responses so progress reaches clients) and ``/healthz``."""
     app_context = AppContext(settings)
     mcp = build_mcp(app_context)
-    mcp_app = mcp.streamable_http_app(streamable_http_path="/mcp", host=settings.host)
+    mcp_app = mcp.streamable_http_app(
+        streamable_http_path="/mcp",
+        host=settings.host,
+        max_request_body_size=settings.max_request_bytes,
+        # Host/Origin are checked by HeaderGuard for the whole app (see security.py).
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+    )
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse(app_context.health())
@@ -94,21 +124,38 @@ def build_app(settings: Settings) -> Starlette:
             yield
 
     routes = [Route("/healthz", healthz, methods=["GET"]), Mount("/", app=mcp_app)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[
+            Middleware(
+                HeaderGuard,
+                allowed_hosts=default_allowed_hosts(settings),
+                allowed_origins=default_allowed_origins(settings),
+            )
+        ],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
+        app = build_app(settings)
     except ValueError as exc:
         print(f"qemu-mcp-http: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if not is_loopback(settings.host) and not (settings.token or settings.token_file):
+        log.warning(
+            "serving %s WITHOUT authentication (--allow-unauthenticated): anyone who can connect controls VMs",
+            settings.host,
+        )
     uvicorn.run(
-        build_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
+        log_config=None,  # one format for all loggers, set above
     )
     return 0

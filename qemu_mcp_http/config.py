@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -64,6 +65,48 @@ class Settings:
         metadata={"help": "concurrent channels per SSH connection (sshd MaxSessions is 10)"},
     )
 
+    # Security.
+    token: str = field(
+        default="",
+        repr=False,
+        metadata={"help": "bearer token required on /mcp (prefer --token-file; required off loopback)"},
+    )
+    token_file: str = field(
+        default="",
+        metadata={"help": "file of bearer tokens, one per line, optionally 'client-id token'"},
+    )
+    allow_unauthenticated: bool = field(
+        default=False,
+        metadata={"help": "DANGEROUS: serve a non-loopback address without a token"},
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Host headers accepted, comma-separated patterns (default: loopback, plus the bind address)"},
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Origin headers accepted, comma-separated patterns (default: loopback origins)"},
+    )
+    allowed_roots: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "local directories vm_dir, disk and iso paths must lie under (default: vm_dir)"},
+    )
+    iso_dirs: tuple[str, ...] = field(default=(), metadata={"help": "further local directories ISOs may come from"})
+    ssh_key_dirs: tuple[str, ...] = field(
+        default=("~/.ssh",),
+        metadata={"help": "directories an ssh_key path must lie under"},
+    )
+    max_request_bytes: int = field(default=1 << 20, metadata={"help": "largest HTTP request body"})
+    max_monitor_streams_per_client: int = field(
+        default=4,
+        metadata={"help": "concurrent monitor_vm_status calls per client (token or address)"},
+    )
+    max_monitor_streams: int = field(default=64, metadata={"help": "concurrent monitor_vm_status calls in all"})
+    audit_log: str = field(
+        default="",
+        metadata={"help": "also append audit lines (JSON) to this file; they always go to the log"},
+    )
+
     def __post_init__(self) -> None:
         problems: list[str] = []
         for f in fields(self):
@@ -77,11 +120,25 @@ class Settings:
             problems.append(f"port must be 1..65535 (got {self.port})")
         if not os.path.isabs(self.vm_dir):
             problems.append(f"vm_dir must be an absolute path (got {self.vm_dir!r})")
+        if not is_loopback(self.host) and not (self.token or self.token_file) and not self.allow_unauthenticated:
+            problems.append(
+                f"host {self.host} is not a loopback address: set a bearer token (QEMU_MCP_TOKEN_FILE or "
+                "QEMU_MCP_TOKEN), or pass --allow-unauthenticated to expose VM control to anyone who can connect"
+            )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _choices(annotation: Any) -> tuple[str, ...]:
@@ -93,8 +150,27 @@ def _choices(annotation: Any) -> tuple[str, ...]:
     return tuple(get_args(resolved)) if resolved is not None else ()
 
 
-def _caster(annotation: Any) -> type:
-    return {"int": int, "float": float}.get(str(annotation), str)
+def _as_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean; use 1 or 0")
+
+
+def _as_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _caster(annotation: Any) -> Callable[[str], Any]:
+    casters: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "bool": _as_bool,
+        "tuple[str, ...]": _as_list,
+    }
+    return casters.get(str(annotation), str)
 
 
 DEFAULT_SETTINGS = Settings()
@@ -117,13 +193,18 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser = argparse.ArgumentParser(prog="qemu-mcp-http", description="MCP server managing QEMU VMs over HTTP")
     for f in fields(Settings):
         choices = _choices(f.type) or None
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})"
+        if str(f.type) == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_text)
+            continue
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag,
             dest=f.name,
             type=_caster(f.type),
             choices=choices,
             default=None,
-            help=f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})",
+            help=help_text,
         )
     args = parser.parse_args(argv)
     values.update({k: v for k, v in vars(args).items() if v is not None})

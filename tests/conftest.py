@@ -30,7 +30,14 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def server(workdir: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(vm_dir=workdir / "vms", env={"QEMU_MCP_ACCEL": os.environ.get("QEMU_MCP_TEST_ACCEL", "auto")})
+    srv = ServerProcess(
+        vm_dir=workdir / "vms",
+        env={
+            "QEMU_MCP_ACCEL": os.environ.get("QEMU_MCP_TEST_ACCEL", "auto"),
+            # Disks and ISOs of the tests live beside the vm_dir, under the session's directory.
+            "QEMU_MCP_ALLOWED_ROOTS": str(workdir),
+        },
+    )
     srv.vm_dir.mkdir()
     srv.start()
     try:

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx2 as httpx
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +94,7 @@ class ServerProcess:
                 self.proc.wait()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
 
 class ToolClient:
@@ -131,7 +133,7 @@ async def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> boo
 
 
 @contextlib.asynccontextmanager
-async def open_tools(url: str) -> AsyncIterator[ToolClient]:
+async def open_tools(url: str, headers: dict[str, str] | None = None) -> AsyncIterator[ToolClient]:
     """A connected :class:`ToolClient` whose MCP session lives in a task of its own.
 
     pytest-asyncio may run a fixture's setup and teardown in different tasks, and
@@ -143,7 +145,12 @@ async def open_tools(url: str) -> AsyncIterator[ToolClient]:
 
     async def own_session() -> None:
         try:
-            async with Client(url) as client:
+            async with contextlib.AsyncExitStack() as stack:
+                if headers:
+                    http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+                    client = await stack.enter_async_context(Client(streamable_http_client(url, http_client=http)))
+                else:
+                    client = await stack.enter_async_context(Client(url))
                 ready.set_result(ToolClient(client))
                 await done.wait()
         except BaseException as exc:

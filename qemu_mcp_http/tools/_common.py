@@ -11,8 +11,10 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
-from ..context import AppContext
+from ..context import AppContext, HostRequest
 from ..errors import QemuMcpError
+from ..security import PathPolicy
+from ..vm.spec import parse_disk, validate_path
 
 __all__ = [
     "HostArg",
@@ -23,6 +25,7 @@ __all__ = [
     "ToolResult",
     "VmDirArg",
     "app_context",
+    "check_paths",
     "envelope",
     "guarded",
 ]
@@ -82,3 +85,29 @@ async def guarded(work: Awaitable[tuple[str, dict[str, Any]]], base: dict[str, A
         log.exception("tool call failed unexpectedly (%s)", base)
         return envelope(False, "internal error in the server (logged); please report it", {**base, "error": "internal"})
     return envelope(True, message, {**base, **data})
+
+
+def check_paths(
+    app: AppContext,
+    request: HostRequest,
+    vm_dir: str | None,
+    disk: str | None = None,
+    iso: str | None = None,
+) -> None:
+    """Refuse paths outside the allowed roots before anything happens.
+
+    Local paths are resolved (symlinks, ``..``) and must lie under the allowed roots; on a remote host the
+    SSH account's permissions are the boundary.  An ``ssh_key`` is a file of this server, so it is always checked.
+    """
+    policy = PathPolicy.from_settings(app.settings)
+    if request.ssh_key and not request.is_local:
+        policy.check_ssh_key(request.ssh_key)
+    if not request.is_local:
+        return
+    if vm_dir is not None:
+        policy.check_vm_dir(validate_path(vm_dir, "vm_dir"))
+    disk_path = parse_disk(disk, max_disk_bytes=1 << 62).path if disk else None
+    if disk_path is not None:
+        policy.check_disk(disk_path)
+    if iso is not None:
+        policy.check_iso(validate_path(iso, "iso"))

@@ -20,6 +20,7 @@ from ._common import (
     ToolResult,
     VmDirArg,
     app_context,
+    check_paths,
     guarded,
 )
 
@@ -59,6 +60,7 @@ async def list_vms(
 
     async def work() -> tuple[str, dict[str, Any]]:
         wanted_arch = parse_arch(arch) if arch else None
+        check_paths(app, request, vm_dir)
         async with app.host(request) as target:
             vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
             listed, broken = await vms.list()

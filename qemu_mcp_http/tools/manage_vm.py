@@ -9,6 +9,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ..context import HostRequest
+from ..security import audit, client_identity
 from ..vm.lifecycle import VMManager
 from ._common import (
     HostArg,
@@ -19,6 +20,7 @@ from ._common import (
     ToolResult,
     VmDirArg,
     app_context,
+    check_paths,
     guarded,
 )
 
@@ -71,6 +73,7 @@ async def manage_vm(
     base: dict[str, Any] = {"host": request.display_name, "vm_name": name, "action": action}
 
     async def work() -> tuple[str, dict[str, Any]]:
+        check_paths(app, request, vm_dir, disk, iso)
         async with app.host(request) as target:
             vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
             if action == "create":
@@ -87,4 +90,15 @@ async def manage_vm(
                 message, details = await vms.modify(name, memory, vcpus, disk, stop_timeout)
             return message, {"details": details}
 
-    return await guarded(work(), base)
+    result = await guarded(work(), base)
+    outcome = result.structured_content or {}
+    await audit(
+        app.settings,
+        client=client_identity(ctx),
+        host=request.display_name,
+        vm=name,
+        action=action,
+        success=bool(outcome.get("success")),
+        result=outcome.get("message"),
+    )
+    return result

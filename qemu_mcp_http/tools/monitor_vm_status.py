@@ -12,6 +12,7 @@ from pydantic import Field
 from ..context import HostRequest
 from ..errors import QemuMcpError
 from ..metrics.monitor import MonitorRun, monitor_vm
+from ..security import client_identity
 from ..vm.lifecycle import VMManager
 from ._common import (
     HostArg,
@@ -22,6 +23,7 @@ from ._common import (
     ToolResult,
     VmDirArg,
     app_context,
+    check_paths,
     guarded,
 )
 
@@ -71,14 +73,20 @@ async def monitor_vm_status(
         }
 
     async def work() -> tuple[str, dict[str, Any]]:
-        async with app.host(request) as target:
-            vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
-            try:
-                await monitor_vm(vms, name, metrics, interval, count, on_sample, run)
-            except QemuMcpError as exc:
-                if run.samples:
-                    exc.message += f" (after {len(run.samples)} samples)"
-                raise
+        check_paths(app, request, vm_dir)
+        settings = app.settings
+        client = client_identity(ctx)
+        with app.shared.monitor_streams.slot(
+            client, settings.max_monitor_streams_per_client, settings.max_monitor_streams
+        ):
+            async with app.host(request) as target:
+                vms = VMManager(target, vm_dir or settings.vm_dir, settings, app.shared)
+                try:
+                    await monitor_vm(vms, name, metrics, interval, count, on_sample, run)
+                except QemuMcpError as exc:
+                    if run.samples:
+                        exc.message += f" (after {len(run.samples)} samples)"
+                    raise
         n = len(run.samples)
         note = " (stopped at the server's maximum duration)" if run.ended_by == "max_duration" else ""
         return f"Successfully obtained {n} sampling data point{'s' if n != 1 else ''} for {name}{note}", collected()

@@ -30,6 +30,7 @@ from ..errors import (
 )
 from ..hosts.base import Host
 from ..qmp import qmp_session
+from ..security import StreamLimiter
 from .accel import AccelProbe
 from .argv import ARM64_FIRMWARE, qemu_argv
 from .paths import UNIX_PATH_MAX, VMPaths
@@ -58,9 +59,10 @@ StopMethod = Literal["acpi", "quit", "sigkill", "already-stopped"]
 
 @dataclass
 class SharedState:
-    """State shared by every call of one server: per-VM locks and the accelerator probe cache."""
+    """State shared by every call of one server: per-VM locks, the accelerator probe cache, monitor streams."""
 
     accel_probe: AccelProbe = field(default_factory=AccelProbe)
+    monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
 
     @asynccontextmanager

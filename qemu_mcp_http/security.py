@@ -1,0 +1,263 @@
+"""Who may call, what they may touch, and the audit trail.
+
+- :class:`StaticTokenVerifier`: bearer tokens from settings, compared in constant time, plugged into the
+  ``mcp`` SDK's own auth middleware (401 without a valid token).
+- :class:`HeaderGuard`: Host / Origin allow-lists (DNS rebinding, cross-origin pages).  The SDK's transport
+  security matcher has no "any host" pattern, which a token-protected server on 0.0.0.0 behind a port
+  mapping needs, so the check lives here.
+- :class:`PathPolicy`: local ``vm_dir`` / ``disk`` / ``iso`` / ``ssh_key`` paths must resolve under allowed roots.
+- :class:`StreamLimiter`: concurrent ``monitor_vm_status`` calls per client and in all.
+- :func:`audit`: one JSON line per state-changing action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.mcpserver import Context
+from starlette.datastructures import Headers
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .config import Settings, is_loopback
+from .errors import InvalidInput, LimitExceeded
+
+__all__ = [
+    "SCOPE",
+    "HeaderGuard",
+    "PathPolicy",
+    "StaticTokenVerifier",
+    "StreamLimiter",
+    "audit",
+    "client_identity",
+    "load_tokens",
+]
+
+SCOPE = "qemu"
+audit_log = logging.getLogger("qemu_mcp_http.audit")
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def load_tokens(settings: Settings) -> dict[str, str]:
+    """``{token: client_id}`` from ``token`` and ``token_file`` (lines: ``token`` or ``client-id token``).
+
+    :raise ValueError: the token file cannot be read or holds no token (the message never shows a token).
+    """
+    tokens: dict[str, str] = {}
+    if settings.token:
+        tokens[settings.token] = "token-" + fingerprint(settings.token)
+    if settings.token_file:
+        try:
+            with open(os.path.expanduser(settings.token_file), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read token file {settings.token_file}: {exc.strerror}") from None
+        for line in lines:
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            token = parts[-1]
+            tokens[token] = parts[0] if len(parts) == 2 else "token-" + fingerprint(token)
+        if not tokens:
+            raise ValueError(f"token file {settings.token_file} holds no token")
+    for token in tokens:
+        if len(token) < 16:
+            raise ValueError("a bearer token must be at least 16 characters long")
+    return tokens
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible name for a secret, fit for logs."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+class StaticTokenVerifier:
+    """The SDK's ``TokenVerifier`` over a fixed set of tokens."""
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self._tokens = [(t.encode(), client_id) for t, client_id in tokens.items()]
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        given = token.encode()
+        found: str | None = None
+        # Compare with every token, always: the time taken says nothing about which one nearly matched.
+        for known, client_id in self._tokens:
+            if hmac.compare_digest(given, known):
+                found = client_id
+        if found is None:
+            return None
+        return AccessToken(token=token, client_id=found, scopes=[SCOPE])
+
+
+# -- Host / Origin --------------------------------------------------------------------------------
+
+_LOOPBACK_HOSTS = ("127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]")
+_LOOPBACK_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*")
+
+
+def default_allowed_hosts(settings: Settings) -> tuple[str, ...]:
+    if settings.allowed_hosts:
+        return settings.allowed_hosts
+    if settings.host in ("0.0.0.0", "::", ""):
+        # Reached under any name (container port mappings, DNS): the token is the guard there.
+        return ("*",)
+    extra = () if is_loopback(settings.host) else (f"{settings.host}:*", settings.host)
+    return _LOOPBACK_HOSTS + extra
+
+
+def default_allowed_origins(settings: Settings) -> tuple[str, ...]:
+    return settings.allowed_origins or _LOOPBACK_ORIGINS
+
+
+def _matches(value: str, patterns: Sequence[str]) -> bool:
+    """``*`` (anything), exact values, ``name:*`` (any port), ``*.example.com`` (subdomains); case-insensitive."""
+    value = value.lower()
+    for pattern in (p.lower() for p in patterns):
+        if pattern == "*" or value == pattern:
+            return True
+        if pattern.endswith(":*"):
+            base, _, port = value.rpartition(":")
+            if port.isdigit() and _matches(base, [pattern[:-2]]):
+                return True
+        elif pattern.startswith("*.") and value.endswith(pattern[1:]):
+            return True
+    return False
+
+
+class HeaderGuard:
+    """ASGI middleware: 421 for an unknown Host, 403 for a foreign Origin (browsers always send one)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str], allowed_origins: Sequence[str]) -> None:
+        self.app = app
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.allowed_origins = tuple(allowed_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = headers.get("host", "")
+            origin = headers.get("origin")
+            if not _matches(host, self.allowed_hosts):
+                await PlainTextResponse("Invalid Host header", status_code=421)(scope, receive, send)
+                return
+            if origin is not None and not _matches(origin, self.allowed_origins):
+                await PlainTextResponse("Invalid Origin header", status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# -- paths ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathPolicy:
+    """Local paths a client may name: resolved (symlinks, ``..``) before the check."""
+
+    roots: tuple[str, ...]
+    iso_dirs: tuple[str, ...] = ()
+    key_dirs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PathPolicy:
+        return cls(
+            roots=_resolve_all(settings.allowed_roots or (settings.vm_dir,)),
+            iso_dirs=_resolve_all(settings.iso_dirs),
+            key_dirs=_resolve_all(settings.ssh_key_dirs),
+        )
+
+    def check_vm_dir(self, path: str) -> str:
+        return self._check(path, "vm_dir", self.roots)
+
+    def check_disk(self, path: str) -> str:
+        return self._check(path, "disk", self.roots)
+
+    def check_iso(self, path: str) -> str:
+        return self._check(path, "iso", self.roots + self.iso_dirs)
+
+    def check_ssh_key(self, path: str) -> str:
+        return self._check(path, "ssh_key", self.key_dirs)
+
+    @staticmethod
+    def _check(path: str, field_name: str, roots: tuple[str, ...]) -> str:
+        if not path.startswith("/") and not (field_name == "ssh_key" and path.startswith("~")):
+            raise InvalidInput(field_name, f"{path!r} must be an absolute path")
+        resolved = os.path.realpath(os.path.expanduser(path))
+        if any(resolved == root or resolved.startswith(root.rstrip("/") + "/") for root in roots):
+            return resolved
+        allowed = ", ".join(roots) or "(none configured)"
+        raise InvalidInput(
+            field_name,
+            f"{path!r} is outside the directories this server allows ({allowed}); "
+            "use a path under them or ask the operator to extend the allowed roots",
+        )
+
+
+def _resolve_all(paths: Sequence[str]) -> tuple[str, ...]:
+    return tuple(posixpath.normpath(os.path.realpath(os.path.expanduser(p))) for p in paths)
+
+
+# -- clients, limits, audit -----------------------------------------------------------------------
+
+
+def client_identity(ctx: Context[Any, Any]) -> str:
+    """The token's client id when authenticated, else the peer address."""
+    token = get_access_token()
+    if token is not None:
+        return token.client_id
+    request = getattr(ctx.request_context, "request", None)
+    client = getattr(request, "client", None)
+    return f"{client.host}" if client is not None else "unknown"
+
+
+@dataclass
+class StreamLimiter:
+    """Counts concurrent monitor streams per client; limits come from settings at each call."""
+
+    _active: dict[str, int] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def slot(self, client: str, per_client: int, total: int) -> Iterator[None]:
+        mine = self._active.get(client, 0)
+        if mine >= per_client:
+            raise LimitExceeded(
+                f"client {client} already runs {mine} monitor_vm_status streams (limit {per_client}); "
+                "cancel one or wait for it to finish"
+            )
+        if sum(self._active.values()) >= total:
+            raise LimitExceeded(f"the server already runs {total} monitor streams (its limit); try again later")
+        self._active[client] = mine + 1
+        try:
+            yield
+        finally:
+            self._active[client] -= 1
+            if not self._active[client]:
+                del self._active[client]
+
+
+async def audit(settings: Settings, **fields_: Any) -> None:
+    """One line per state-changing action: time, client, host, VM, action, result."""
+    record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **fields_}
+    line = json.dumps(record, separators=(",", ":"), default=str)
+    audit_log.info("%s", line)
+    if settings.audit_log:
+        await asyncio.to_thread(_append, settings.audit_log, line + "\n")
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
