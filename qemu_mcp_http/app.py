@@ -75,7 +75,10 @@ def build_mcp(app_context: AppContext) -> QemuMCPServer:
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with app_context:
-            yield app_context
+            try:
+                yield app_context
+            finally:
+                await app_context.shared.aclose()
 
     settings = app_context.settings
     tokens = load_tokens(settings)

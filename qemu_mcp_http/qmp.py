@@ -12,12 +12,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from .errors import OperationTimeout, QMPFailure, QMPUnavailable
 from .hosts.base import Host
 
-__all__ = ["QMPSession", "qmp_session"]
+__all__ = ["QMPPool", "QMPSession", "qmp_session"]
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +54,86 @@ class QMPSession:
 
     @property
     def connected(self) -> bool:
-        from qemu.qmp import Runstate
-
         return self._client.runstate == Runstate.RUNNING
 
 
-@contextlib.asynccontextmanager
-async def qmp_session(host: Host, socket_path: str, vm: str, timeout: float) -> AsyncIterator[QMPSession]:
-    """Connect to the QMP socket of ``vm`` on ``host``; disconnect on exit.
+async def _connect(host: Host, socket_path: str, vm: str, timeout: float) -> QMPClient:
+    """A connected QMPClient on the socket of ``vm``.
 
     :raise QMPUnavailable: nothing answers on the socket (QEMU not running, stale socket).
     :raise OperationTimeout: the greeting or capabilities negotiation hung.
     """
     sock = await host.open_unix_socket(socket_path, timeout=timeout)
     client = QMPClient(vm)
+    # We never read events; the default listener would otherwise keep every event for the client's life.
+    client.events.event_filter = lambda _event: False
     try:
-        try:
-            await asyncio.wait_for(client.connect(sock), timeout)
-        except TimeoutError as exc:
+        await asyncio.wait_for(client.connect(sock), timeout)
+    except BaseException as exc:
+        await _close(client, vm, timeout)
+        sock.close()
+        if isinstance(exc, TimeoutError):
             raise OperationTimeout(f"QMP of VM {vm} did not greet within {timeout:g} s (is QEMU hung?)") from exc
-        except (QMPError, OSError) as exc:
+        if isinstance(exc, QMPError | OSError):
             raise QMPUnavailable(f"QMP of VM {vm} refused the session: {exc}") from exc
+        raise
+    return client
+
+
+async def _close(client: QMPClient, vm: str, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(client.disconnect(), timeout)
+    except Exception:
+        log.debug("QMP disconnect of %s failed", vm, exc_info=True)
+
+
+class QMPPool:
+    """One shared QMP connection per VM socket, used by every call at once.
+
+    QEMU's QMP socket serves one client at a time, so concurrent tool calls on one VM
+    (list, monitor, start, ...) must share a connection; qemu.qmp multiplexes commands
+    on it.  A connection that QEMU closed (the VM stopped) is replaced on next use.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str, str], QMPClient] = {}
+        self._connecting: dict[tuple[str, str], asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def session(self, host: Host, socket_path: str, vm: str, timeout: float) -> AsyncIterator[QMPSession]:
+        key = (getattr(host, "identity", host.name), socket_path)
+        lock = self._connecting.setdefault(key, asyncio.Lock())
+        async with lock:
+            client = self._clients.get(key)
+            if client is None or client.runstate != Runstate.RUNNING:
+                if client is not None:
+                    self._clients.pop(key, None)
+                    await _close(client, vm, timeout)
+                client = await _connect(host, socket_path, vm, timeout)
+                self._clients[key] = client
+        try:
+            yield QMPSession(client, vm, timeout)
+        except QMPUnavailable:
+            await self.forget(host, socket_path, timeout)
+            raise
+
+    async def forget(self, host: Host, socket_path: str, timeout: float = 1.0) -> None:
+        """Drop the connection to ``socket_path`` (its VM stopped or is being restarted)."""
+        client = self._clients.pop((getattr(host, "identity", host.name), socket_path), None)
+        if client is not None:
+            await _close(client, socket_path, timeout)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await _close(client, "(shutdown)", 2.0)
+
+
+@contextlib.asynccontextmanager
+async def qmp_session(host: Host, socket_path: str, vm: str, timeout: float) -> AsyncIterator[QMPSession]:
+    """A private QMP connection for one-off use (probes, tests); disconnected on exit."""
+    client = await _connect(host, socket_path, vm, timeout)
+    try:
         yield QMPSession(client, vm, timeout)
     finally:
-        try:
-            await asyncio.wait_for(client.disconnect(), timeout)
-        except Exception:
-            log.debug("QMP disconnect of %s failed", vm, exc_info=True)
-        sock.close()
+        await _close(client, vm, timeout)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput, QemuMcpError, VMStateError
-from ..qmp import qmp_session
 from ..vm.lifecycle import VMManager
 from ..vm.spec import validate_name
 from .sampler import METRICS, HostClock, Metric, Sampler, sleep_until
@@ -62,7 +61,7 @@ async def monitor_vm(
     paths = vms.store.paths(name)
     clock = await HostClock.of(vms.host, settings.command_timeout)
     loop = asyncio.get_running_loop()
-    async with qmp_session(vms.host, paths.qmp_socket, name, settings.qmp_timeout) as qmp:
+    async with vms.shared.qmp.session(vms.host, paths.qmp_socket, name, settings.qmp_timeout) as qmp:
         sampler = Sampler(vms.host, definition, paths, facts.pid, qmp, clock, chosen, agent_timeout=1.0)
         try:
             await sampler.prepare(interval)

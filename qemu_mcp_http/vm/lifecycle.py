@@ -12,7 +12,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ from ..errors import (
     VMStateError,
 )
 from ..hosts.base import Host
-from ..qmp import qmp_session
+from ..qmp import QMPPool, QMPSession
 from ..security import StreamLimiter
 from .accel import AccelProbe
 from .argv import ARM64_FIRMWARE, qemu_argv
@@ -63,6 +63,12 @@ class SharedState:
 
     accel_probe: AccelProbe = field(default_factory=AccelProbe)
     monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
+    qmp: QMPPool = field(default_factory=QMPPool)
+
+    async def aclose(self) -> None:
+        """Close the shared QMP connections (the VMs keep running)."""
+        await self.qmp.aclose()
+
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
 
     @asynccontextmanager
@@ -127,7 +133,9 @@ class VMManager:
             return VMState("stopped")
         paths = self.store.paths(definition.name)
         try:
-            async with qmp_session(self.host, paths.qmp_socket, definition.name, self.settings.qmp_timeout) as qmp:
+            async with self.shared.qmp.session(
+                self.host, paths.qmp_socket, definition.name, self.settings.qmp_timeout
+            ) as qmp:
                 status = await qmp.execute("query-status")
             run_state = str(status.get("status", "unknown"))
         except (QMPUnavailable, OperationTimeout, QMPFailure):
@@ -154,7 +162,12 @@ class VMManager:
                 return False
             await asyncio.sleep(0.1)
 
+    def _qmp(self, name: str) -> AbstractAsyncContextManager[QMPSession]:
+        """The shared QMP connection of VM ``name``."""
+        return self.shared.qmp.session(self.host, self.store.paths(name).qmp_socket, name, self.settings.qmp_timeout)
+
     async def _clean_runtime_files(self, paths: VMPaths) -> None:
+        await self.shared.qmp.forget(self.host, paths.qmp_socket)
         await self._run("rm", "-f", "--", paths.qmp_socket, paths.qga_socket, paths.pidfile, paths.runtime)
 
     # -- create ----------------------------------------------------------------------------------
@@ -354,7 +367,7 @@ class VMManager:
         last: QemuMcpError | None = None
         while loop.time() < deadline:
             try:
-                async with qmp_session(
+                async with self.shared.qmp.session(
                     self.host,
                     paths.qmp_socket,
                     definition.name,
@@ -406,7 +419,7 @@ class VMManager:
         for step, wait in (("acpi", timeout), ("quit", 5.0)):
             command = "system_powerdown" if step == "acpi" else "quit"
             try:
-                async with qmp_session(
+                async with self.shared.qmp.session(
                     self.host,
                     paths.qmp_socket,
                     definition.name,
@@ -552,7 +565,9 @@ class VMManager:
 
     async def _block_resize(self, definition: VMDefinition, size: int) -> None:
         paths = self.store.paths(definition.name)
-        async with qmp_session(self.host, paths.qmp_socket, definition.name, self.settings.qmp_timeout) as qmp:
+        async with self.shared.qmp.session(
+            self.host, paths.qmp_socket, definition.name, self.settings.qmp_timeout
+        ) as qmp:
             await qmp.execute("block_resize", {"node-name": "disk0-fmt", "size": size})
 
     # -- list ------------------------------------------------------------------------------------

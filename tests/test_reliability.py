@@ -1,0 +1,161 @@
+"""Faults and load with real QEMU and a real server process: hung and killed VMs, races, leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
+
+
+def pid_of(vm_dir: Path, name: str) -> int:
+    return int((vm_dir / name / "qemu.pid").read_text())
+
+
+def fds_and_rss(pid: int) -> tuple[int, int]:
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return fds, int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def fault_server(workdir: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(
+        vm_dir=workdir / "fault-vms",
+        env={"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_QMP_TIMEOUT": "1", "QEMU_MCP_MAX_MONITOR_STREAMS_PER_CLIENT": "64"},
+    )
+    srv.vm_dir.mkdir()
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        kill_vms_under(srv.vm_dir)
+
+
+async def make_running(t: ToolClient, name: str) -> None:
+    await t.ok("manage_vm", name=name, action="create", arch="x86_64", memory="128M", vcpus=1, disk="size=64M")
+    await t.ok("manage_vm", name=name, action="start")
+
+
+async def test_hung_qemu_answers_in_bounded_time(fault_server: ServerProcess) -> None:
+    async with open_tools(fault_server.url) as t:
+        await make_running(t, "hung")
+        pid = pid_of(fault_server.vm_dir, "hung")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            listed = await t.ok("list_vms", filter_name="hung")
+            assert time.monotonic() - began < 5
+            vm = listed["data"]["vms"][0]
+            assert vm["status"] == "running" and vm.get("run_state") in (None, "unresponsive", "unknown"), vm
+            began = time.monotonic()
+            stopped = await t.ok("manage_vm", name="hung", action="stop", stop_timeout=1)
+            assert time.monotonic() - began < 15
+            assert stopped["data"]["details"]["stopped_by"] == "sigkill"
+        finally:
+            os.kill(pid, signal.SIGCONT) if Path(f"/proc/{pid}").exists() else None
+        await t.ok("manage_vm", name="hung", action="delete")
+
+
+async def test_qemu_killed_during_monitor(fault_server: ServerProcess) -> None:
+    async with open_tools(fault_server.url) as t:
+        await make_running(t, "victim")
+        pid = pid_of(fault_server.vm_dir, "victim")
+        samples: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            samples.append(progress)
+            if len(samples) == 2:
+                os.kill(pid, signal.SIGKILL)
+
+        result = await asyncio.wait_for(
+            t.client.call_tool(
+                "monitor_vm_status",
+                {"name": "victim", "metrics": "cpu", "interval": 1, "count": 10},
+                progress_callback=on_progress,
+            ),
+            30,
+        )
+        envelope = result.structured_content
+        assert envelope is not None and envelope["success"] is False
+        # The kill lands while the client handles sample 2; a third may already be on its way.
+        taken = len(envelope["data"]["metrics_data"])
+        assert taken in (2, 3) and f"after {taken} samples" in envelope["message"], envelope["message"]
+        assert "no longer running" in envelope["message"]
+        listed = await t.ok("list_vms", filter_name="victim")
+        assert listed["data"]["vms"][0]["status"] == "stopped"
+        await t.ok("manage_vm", name="victim", action="delete")
+
+
+async def test_concurrent_creates_one_wins(fault_server: ServerProcess) -> None:
+    async with open_tools(fault_server.url) as t:
+        answers = await asyncio.gather(
+            *(t.call("manage_vm", name="racer", action="create", arch="x86_64", disk="size=64M") for _ in range(8))
+        )
+        assert sum(a["success"] for a in answers) == 1
+        assert all("already exists" in a["message"] for a in answers if not a["success"])
+        # start racing delete: either order, the end state is consistent.
+        racing = await asyncio.gather(
+            t.call("manage_vm", name="racer", action="start"),
+            t.call("manage_vm", name="racer", action="delete", stop_timeout=1),
+        )
+        delete = racing[1]
+        assert delete["success"], delete
+        assert not (fault_server.vm_dir / "racer").exists()
+        assert (await t.ok("list_vms", filter_name="racer"))["data"]["vm_count"] == 0
+        kill_vms_under(fault_server.vm_dir / "racer")  # nothing should be left; belt and braces
+
+
+async def test_load_without_leaks(fault_server: ServerProcess) -> None:
+    """Rounds of 50 concurrent mixed calls (200 measured): answers right, fds and RSS flat across rounds."""
+    assert fault_server.proc is not None
+    server_pid = fault_server.proc.pid
+    async with open_tools(fault_server.url) as t:
+        names = [f"load-{i}" for i in range(4)]
+        for name in names:
+            await make_running(t, name)
+
+        async def round_of_50() -> list[dict[str, Any]]:
+            batch = []
+            for i in range(50):
+                kind = i % 5
+                if kind in (0, 1, 2):
+                    batch.append(t.call("list_vms", status="running"))
+                elif kind == 3:
+                    batch.append(t.call("monitor_vm_status", name=names[i % 4], metrics="all", interval=1, count=2))
+                else:
+                    batch.append(t.call("manage_vm", name=names[i % 4], action="start"))
+            return list(await asyncio.gather(*batch))
+
+        # One round first: the client's keep-alive connections and the shared QMP connections are part of the
+        # steady state; a leak is growth over the following rounds.
+        await round_of_50()
+        baseline = fds_and_rss(server_pid)
+        calls = failures = 0
+        for _ in range(4):
+            answers = await round_of_50()
+            calls += len(answers)
+            failures += sum(not a["success"] for a in answers)
+            for a in answers:
+                if not a["success"]:
+                    print("FAILED:", a["message"])
+                if "vm_count" in a["data"]:
+                    assert a["data"]["vm_count"] == len(names)
+        after = fds_and_rss(server_pid)
+        for name in names:
+            await t.ok("manage_vm", name=name, action="delete", stop_timeout=1)
+    print(f"load: {calls} calls, {failures} failures, fds {baseline[0]}->{after[0]}, RSS {baseline[1]}->{after[1]} KiB")
+    assert failures == 0
+    # A per-call leak would add hundreds; keep-alive connections of the client may add a few.
+    assert after[0] <= baseline[0] + 10
+    assert after[1] <= baseline[1] + 30 * 1024
