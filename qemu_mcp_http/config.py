@@ -41,6 +41,9 @@ class Settings:
     start_timeout: float = field(default=30.0, metadata={"help": "time QEMU may take to start and answer QMP"})
     stop_timeout: float = field(default=30.0, metadata={"help": "default wait for a graceful ACPI shutdown"})
     kvm_probe_timeout: float = field(default=5.0, metadata={"help": "time the KVM probe may take"})
+    lock_timeout: float = field(
+        default=90.0, metadata={"help": "wait for another server process's operation on the same VM"}
+    )
     # Limits per VM, so that one call cannot exhaust the host.
     max_memory_mib: int = field(default=262144, metadata={"help": "largest memory of a VM, MiB"})
     max_vcpus: int = field(default=64, metadata={"help": "most vCPUs of a VM"})

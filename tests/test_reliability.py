@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
+from mcp.shared.exceptions import MCPError
 
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
+from .support import ServerProcess, ToolClient, kill_vms_under, open_tools, wait_for
 
 
 def pid_of(vm_dir: Path, name: str) -> int:
@@ -159,3 +165,104 @@ async def test_load_without_leaks(fault_server: ServerProcess) -> None:
     # A per-call leak would add hundreds; keep-alive connections of the client may add a few.
     assert after[0] <= baseline[0] + 10
     assert after[1] <= baseline[1] + 30 * 1024
+
+
+async def test_lock_file_shared_with_another_process(workdir: Path) -> None:
+    """A second server process on the same vm_dir takes the same per-VM lock file (here: the test holds it)."""
+    srv = ServerProcess(vm_dir=workdir / "lock-vms", env={"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_LOCK_TIMEOUT": "1"})
+    srv.vm_dir.mkdir()
+    srv.start()
+    try:
+        async with open_tools(srv.url) as t:
+            await t.ok(
+                "manage_vm", name="locked", action="create", arch="x86_64", memory="64M", vcpus=1, disk="size=16M"
+            )
+            lock_path = srv.vm_dir / ".locks" / "locked.lock"
+            assert lock_path.exists()
+            fd = os.open(lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                began = time.monotonic()
+                answer = await t.fails("manage_vm", name="locked", action="start")
+                assert time.monotonic() - began < 5
+                assert "another process held the lock" in answer["message"]
+                assert not (srv.vm_dir / "locked" / "qemu.pid").exists()
+            finally:
+                os.close(fd)
+            await t.ok("manage_vm", name="locked", action="start")
+            await t.ok("manage_vm", name="locked", action="delete", stop_timeout=1)
+            listed = await t.ok("list_vms")
+            assert listed["data"]["vm_count"] == 0 and "incomplete" not in listed["data"]
+    finally:
+        srv.stop()
+        kill_vms_under(srv.vm_dir)
+
+
+def pids_running(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return [int(p) for p in found.stdout.split()]
+
+
+def kill_groups(pids: list[int]) -> None:
+    # The server starts every command in its own session, so each pid leads its process group.
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def slow_qemu_img_path(bin_dir: Path) -> str:
+    """A PATH whose qemu-img sleeps first, so that the server can be killed in the middle of create."""
+    bin_dir.mkdir()
+    real = shutil.which("qemu-img")
+    assert real
+    shim = bin_dir / "qemu-img"
+    shim.write_text(f'#!/bin/sh\n[ "$1" = create ] && sleep 30\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+async def test_server_killed_during_create(workdir: Path) -> None:
+    vm_dir = workdir / "crash-vms"
+    vm_dir.mkdir()
+    env = {"QEMU_MCP_ACCEL": "tcg", "PATH": slow_qemu_img_path(workdir / "crash-bin")}
+    srv = ServerProcess(vm_dir=vm_dir, env=env)
+    srv.start()
+    shims: list[int] = []
+    try:
+        try:
+            async with open_tools(srv.url) as t:
+                create = asyncio.create_task(
+                    t.call("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
+                )
+
+                async def shim_running() -> bool:
+                    shims[:] = pids_running(f"{workdir}/crash-bin/qemu-img create")
+                    return bool(shims)
+
+                assert await wait_for(shim_running, 10)
+                assert (vm_dir / "halfway").is_dir()
+                srv.stop(signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(create, 10)
+        except* (httpx.HTTPError, MCPError):
+            pass  # the session dies with the server: that is the point
+        kill_groups(shims)  # the orphaned qemu-img of the dead server, with its sleep
+
+        srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
+        srv.start()
+        async with open_tools(srv.url) as t:
+            listed = await t.ok("list_vms")
+            assert listed["data"]["vm_count"] == 0  # never counted as a VM ...
+            assert listed["data"]["incomplete"] == ["halfway"]  # ... but reported
+            assert "not usable VMs" in listed["message"]
+            again = await t.fails("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
+            assert "holds no VM definition" in again["message"]
+            shutil.rmtree(vm_dir / "halfway")
+            await t.ok("manage_vm", name="halfway", action="create", arch="x86_64", memory="64M", disk="size=16M")
+            listed = await t.ok("list_vms")
+            assert listed["data"]["vm_count"] == 1 and "incomplete" not in listed["data"]
+            await t.ok("manage_vm", name="halfway", action="delete")
+    finally:
+        srv.stop()
+        kill_groups(shims)
+        kill_vms_under(vm_dir)

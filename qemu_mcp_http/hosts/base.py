@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -83,6 +84,17 @@ class Host(abc.ABC):
 
         :raise QMPUnavailable: nothing listens there.
         """
+
+    @asynccontextmanager
+    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[bool]:
+        """Hold an exclusive lock on ``path`` across processes of this host; yields whether it is held.
+
+        Callers still serialize within the server; this guards against a second server process
+        sharing the same ``vm_dir``. Hosts that cannot lock yield ``False``.
+
+        :raise OperationTimeout: another process held the lock for longer than ``timeout``.
+        """
+        yield False
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for hosts that hold nothing
         """Release what the host holds (pooled hosts return their connection)."""

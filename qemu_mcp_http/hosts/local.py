@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat as stat_mod
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import (
@@ -96,6 +98,29 @@ class LocalHost(Host):
             raise
         return sock
 
+    @contextlib.asynccontextmanager
+    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[bool]:
+        fd = await self._off_loop(_open_lock_file, path, timeout=timeout)
+        if fd is None:
+            yield False
+            return
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    # Non-blocking attempts polled on the loop: flock itself never blocks here.
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OperationTimeout(
+                            f"another process held the lock {path} on {self.name} for more than {timeout:g} s"
+                        ) from None
+                    await asyncio.sleep(0.05)
+            yield True
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
     async def _off_loop(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
@@ -103,6 +128,15 @@ class LocalHost(Host):
             raise OperationTimeout(f"file operation on {self.name} did not finish within {timeout:g} s") from exc
         except OSError as exc:
             raise HostError(f"file operation on {self.name} failed: {exc}") from exc
+
+
+def _open_lock_file(path: str) -> int | None:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(os.path.dirname(directory)):
+        # No vm_dir yet, so no VM to guard; creating it here would be a side effect of a typo.
+        return None
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 def _reason(exc: BaseException) -> str:

@@ -63,7 +63,7 @@ async def list_vms(
         check_paths(app, request, vm_dir)
         async with app.host(request) as target:
             vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
-            listed, broken = await vms.list()
+            listed, problems = await vms.list()
         needle = (filter_name or "").lower()
         rows: list[dict[str, Any]] = []
         for definition, state in listed:
@@ -78,8 +78,14 @@ async def list_vms(
         where = "locally" if request.is_local else f"on {request.display_name}"
         qualifier = "" if status == "all" else f"{status} "
         data: dict[str, Any] = {"vm_count": len(rows), "vms": rows}
-        if broken:
-            data["unreadable"] = broken
-        return f"Successfully obtained {len(rows)} {qualifier}VM{'s' if len(rows) != 1 else ''} {where}", data
+        data.update(problems)
+        message = f"Successfully obtained {len(rows)} {qualifier}VM{'s' if len(rows) != 1 else ''} {where}"
+        if problems:
+            message += (
+                f"; {vms.vm_dir} also holds {sum(map(len, problems.values()))} entr"
+                f"{'y' if sum(map(len, problems.values())) == 1 else 'ies'} that are not usable VMs "
+                "(see data.unreadable / data.incomplete; remove those directories or fix the definitions)"
+            )
+        return message, data
 
     return await guarded(work(), base)

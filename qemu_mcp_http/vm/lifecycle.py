@@ -120,8 +120,15 @@ class VMManager:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _lock(self, name: str) -> Any:
-        return self.shared.vm_lock(self.host.name, self.vm_dir, name)
+    @asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        # In-process first (cheap, fair), then the lock file that another server process sharing
+        # this vm_dir also takes. The lock files live apart from the VM directory, which delete removes.
+        async with (
+            self.shared.vm_lock(getattr(self.host, "identity", self.host.name), self.vm_dir, name),
+            self.host.lock_file(self.store.paths(name).lock_file, timeout=self.settings.lock_timeout),
+        ):
+            yield
 
     async def _run(self, *argv: str, check: bool = True, timeout: float | None = None) -> Any:
         return await self.host.run(argv, timeout=timeout or self.settings.command_timeout, check=check)
@@ -572,9 +579,13 @@ class VMManager:
 
     # -- list ------------------------------------------------------------------------------------
 
-    async def list(self) -> tuple[list[tuple[VMDefinition, VMState]], list[str]]:
-        """Every VM with its state: two batched file reads, then QMP only for live processes."""
-        definitions, broken = await self.store.load_all()
+    async def list(self) -> tuple[list[tuple[VMDefinition, VMState]], dict[str, list[str]]]:
+        """Every VM with its state: two batched file reads, then QMP only for live processes.
+
+        Also what is in ``vm_dir`` but not a VM: ``unreadable`` definitions and ``incomplete``
+        directories (a create cut short).
+        """
+        definitions, broken, incomplete = await self.store.load_all()
         facts = await self.store.process_facts([d.name for d in definitions])
         limiter = asyncio.Semaphore(16)
 
@@ -585,4 +596,5 @@ class VMManager:
                 return await self.state_of(d, facts[d.name])
 
         states = await asyncio.gather(*(one(d) for d in definitions))
-        return list(zip(definitions, states, strict=True)), broken
+        problems = {key: names for key, names in (("unreadable", broken), ("incomplete", incomplete)) if names}
+        return list(zip(definitions, states, strict=True)), problems

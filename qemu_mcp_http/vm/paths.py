@@ -52,5 +52,10 @@ class VMPaths:
     def efi_vars(self) -> str:
         return self._file("efivars.fd")
 
+    @property
+    def lock_file(self) -> str:
+        """Outside the VM directory, so that delete can remove that while holding the lock."""
+        return posixpath.join(self.vm_dir, ".locks", f"{self.name}.lock")
+
     def default_disk(self) -> str:
         return self._file(f"{self.name}.qcow2")

@@ -68,20 +68,34 @@ class VMStore:
             )
         return definition
 
-    async def load_all(self) -> tuple[list[VMDefinition], list[str]]:
-        """Every VM of ``vm_dir``, in two round trips; also names of directories that hold no valid VM."""
+    async def load_all(self) -> tuple[list[VMDefinition], list[str], list[str]]:
+        """Every VM of ``vm_dir`` in two round trips, then the odd ones out.
+
+        Returns the definitions, the names whose definition is unreadable, and the names of
+        directories without a definition (a create cut short by a crash); the last two are
+        never counted as VMs.
+        """
         names = [n for n in await self.host.list_dir(self.vm_dir, timeout=self.io_timeout) if not n.startswith(".")]
         files = [self.paths(n).definition for n in names]
         raws = await self.host.read_files(files, timeout=self.io_timeout) if files else {}
         good: list[VMDefinition] = []
         broken: list[str] = []
+        missing: list[str] = []
         for name, path in zip(names, files, strict=True):
             definition = self._decode(name, raws.get(path))
             if definition is not None:
                 good.append(definition)
             elif raws.get(path) is not None:
                 broken.append(name)
-        return good, broken
+            else:
+                missing.append(name)
+        # Rare, so one stat each is fine: plain files in vm_dir (disks, ISOs) are not leftovers.
+        incomplete = [
+            n
+            for n in missing
+            if (st := await self.host.stat(self.paths(n).directory, timeout=self.io_timeout)) and st.is_dir
+        ]
+        return good, broken, incomplete
 
     async def save(self, definition: VMDefinition) -> None:
         data = json.dumps(definition.to_json(), indent=2, sort_keys=True).encode() + b"\n"
