@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from functools import cached_property
 
 __all__ = ["UNIX_PATH_MAX", "VMPaths"]
 
@@ -16,43 +17,43 @@ class VMPaths:
     vm_dir: str
     name: str
 
-    @property
+    @cached_property
     def directory(self) -> str:
         return posixpath.join(self.vm_dir, self.name)
 
     def _file(self, filename: str) -> str:
-        return posixpath.join(self.directory, filename)
+        return f"{self.directory}/{filename}"
 
-    @property
+    @cached_property
     def definition(self) -> str:
         return self._file("vm.json")
 
-    @property
+    @cached_property
     def runtime(self) -> str:
         """Facts of the current run (accelerator, start time, argv); stale once QEMU is gone."""
         return self._file("runtime.json")
 
-    @property
+    @cached_property
     def qmp_socket(self) -> str:
         return self._file("qmp.sock")
 
-    @property
+    @cached_property
     def qga_socket(self) -> str:
         return self._file("qga.sock")
 
-    @property
+    @cached_property
     def pidfile(self) -> str:
         return self._file("qemu.pid")
 
-    @property
+    @cached_property
     def console_log(self) -> str:
         return self._file("console.log")
 
-    @property
+    @cached_property
     def efi_vars(self) -> str:
         return self._file("efivars.fd")
 
-    @property
+    @cached_property
     def lock_file(self) -> str:
         """Outside the VM directory, so that delete can remove that while holding the lock."""
         return posixpath.join(self.vm_dir, ".locks", f"{self.name}.lock")

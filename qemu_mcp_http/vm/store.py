@@ -52,9 +52,13 @@ class VMStore:
         self.host = host
         self.vm_dir = vm_dir
         self.io_timeout = io_timeout
+        self._paths: dict[str, VMPaths] = {}  # list_vms asks for the same paths several times per VM
 
     def paths(self, name: str) -> VMPaths:
-        return VMPaths(self.vm_dir, name)
+        paths = self._paths.get(name)
+        if paths is None:
+            paths = self._paths[name] = VMPaths(self.vm_dir, name)
+        return paths
 
     async def load(self, name: str) -> VMDefinition:
         """:raise VMNotFound: no (readable, valid) definition of ``name``."""
@@ -107,20 +111,18 @@ class VMStore:
 
     async def process_facts(self, names: Sequence[str]) -> dict[str, ProcessFacts]:
         """Pid, liveness and run-time facts of several VMs in two batched reads."""
-        first = []
-        for name in names:
-            paths = self.paths(name)
-            first += [paths.pidfile, paths.runtime]
+        all_paths = {name: self.paths(name) for name in names}
+        first = [p for paths in all_paths.values() for p in (paths.pidfile, paths.runtime)]
         raws = await self.host.read_files(first, timeout=self.io_timeout) if first else {}
-        pids = {name: parse_pid(raws.get(self.paths(name).pidfile)) for name in names}
+        pids = {name: parse_pid(raws.get(paths.pidfile)) for name, paths in all_paths.items()}
         proc_paths = {name: f"/proc/{pid}/cmdline" for name, pid in pids.items() if pid is not None}
         cmdlines = await self.host.read_files(list(proc_paths.values()), timeout=self.io_timeout) if proc_paths else {}
         facts: dict[str, ProcessFacts] = {}
-        for name in names:
+        for name, paths in all_paths.items():
             pid = pids[name]
-            alive = pid is not None and process_matches(cmdlines.get(proc_paths[name]), self.paths(name))
+            alive = pid is not None and process_matches(cmdlines.get(proc_paths[name]), paths)
             runtime: Mapping[str, Any] = {}
-            raw_runtime = raws.get(self.paths(name).runtime)
+            raw_runtime = raws.get(paths.runtime)
             if alive and raw_runtime:
                 try:
                     runtime = json.loads(raw_runtime)
