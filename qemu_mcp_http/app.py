@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -122,12 +124,13 @@ def build_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        app_context.shared.shutdown.bind(asyncio.get_running_loop())
         async with mcp.session_manager.run():
             log.info("qemu-mcp-http %s serving on http://%s:%d/mcp", __version__, settings.host, settings.port)
             yield
 
     routes = [Route("/healthz", healthz, methods=["GET"]), Mount("/", app=mcp_app)]
-    return Starlette(
+    starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[
@@ -138,6 +141,8 @@ def build_app(settings: Settings) -> Starlette:
             )
         ],
     )
+    starlette.state.shutdown = app_context.shared.shutdown
+    return starlette
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serving %s WITHOUT authentication (--allow-unauthenticated): anyone who can connect controls VMs",
             settings.host,
         )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -161,4 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=10,
         log_config=None,  # one format for all loggers, set above
     )
+    _Server(config, on_exit=app.state.shutdown.trigger).run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling open-ended calls at SIGTERM/SIGINT, so they need not hold the graceful window."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)

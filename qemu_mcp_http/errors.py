@@ -23,7 +23,8 @@ Tree::
      │    ├── HostKeyRejected      unknown or changed host key
      │    ├── CommandFailed        a command exited non-zero
      │    └── OperationTimeout     a command or I/O exceeded its timeout
-     └── LimitExceeded             a configured limit would be exceeded
+     ├── LimitExceeded             a configured limit would be exceeded
+     └── ServerShuttingDown        the server stopped an open-ended call to shut down
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "QemuError",
     "QemuMcpError",
     "QemuNotInstalled",
+    "ServerShuttingDown",
     "VMExists",
     "VMNotFound",
     "VMStateError",
@@ -134,3 +136,7 @@ class CommandFailed(HostError):
         self.argv = tuple(argv)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class ServerShuttingDown(QemuMcpError):
+    """The server is shutting down; VMs keep running, and the call may be repeated once it is back."""

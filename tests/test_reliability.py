@@ -17,6 +17,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult
 
 from .support import ServerProcess, ToolClient, kill_vms_under, open_tools, wait_for
 
@@ -265,4 +266,63 @@ async def test_server_killed_during_create(workdir: Path) -> None:
     finally:
         srv.stop()
         kill_groups(shims)
+        kill_vms_under(vm_dir)
+
+
+async def test_monitor_cut_by_server_restart(workdir: Path) -> None:
+    """SIGTERM while a count=0 monitor streams: the client's call ends with an error, the VM runs on."""
+    vm_dir = workdir / "restart-vms"
+    vm_dir.mkdir()
+    srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
+    srv.start()
+    try:
+        async with open_tools(srv.url) as t:
+            await make_running(t, "steady")
+        pid = pid_of(vm_dir, "steady")
+        seen = asyncio.Event()
+        outcome: list[object] = []
+        try:
+            async with open_tools(srv.url) as t:
+
+                async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                    if progress >= 2:
+                        seen.set()
+
+                async def monitor() -> None:
+                    try:
+                        outcome.append(
+                            await t.client.call_tool(
+                                "monitor_vm_status",
+                                {"name": "steady", "interval": 1, "count": 0},
+                                progress_callback=on_progress,
+                            )
+                        )
+                    except Exception as exc:  # noqa: BLE001 - any transport error is the expected outcome
+                        outcome.append(exc)
+
+                call = asyncio.create_task(monitor())
+                await asyncio.wait_for(seen.wait(), 20)
+                began = time.monotonic()
+                srv.stop()  # SIGTERM: a graceful shutdown
+                stopped_in = time.monotonic() - began
+                await asyncio.wait_for(call, 20)
+        except* (httpx.HTTPError, MCPError):
+            pass
+        assert stopped_in < 5, stopped_in  # an open-ended stream must not hold uvicorn's 10 s graceful window
+        result = outcome[0]
+        assert isinstance(result, CallToolResult), result
+        envelope = result.structured_content
+        assert envelope and not envelope["success"], envelope
+        assert "shutting down" in envelope["message"] and "keeps running" in envelope["message"]
+        assert envelope["data"]["count"] >= 2  # the samples taken are kept
+        assert Path(f"/proc/{pid}").exists(), "the VM must survive the server"
+
+        srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
+        srv.start()
+        async with open_tools(srv.url) as t:
+            vm = (await t.ok("list_vms", filter_name="steady"))["data"]["vms"][0]
+            assert vm["status"] == "running" and vm["pid"] == pid
+            await t.ok("manage_vm", name="steady", action="delete", stop_timeout=1)
+    finally:
+        srv.stop()
         kill_vms_under(vm_dir)

@@ -82,7 +82,10 @@ async def monitor_vm_status(
             async with app.host(request) as target:
                 vms = VMManager(target, vm_dir or settings.vm_dir, settings, app.shared)
                 try:
-                    await monitor_vm(vms, name, metrics, interval, count, on_sample, run)
+                    # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
+                    await app.shared.shutdown.cancel_on_shutdown(
+                        monitor_vm(vms, name, metrics, interval, count, on_sample, run)
+                    )
                 except QemuMcpError as exc:
                     if run.samples:
                         exc.message += f" (after {len(run.samples)} samples)"

@@ -31,6 +31,7 @@ from ..errors import (
 from ..hosts.base import Host
 from ..qmp import QMPPool, QMPSession
 from ..security import StreamLimiter
+from ..shutdown import ShutdownSignal
 from .accel import AccelProbe
 from .argv import ARM64_FIRMWARE, qemu_argv
 from .paths import UNIX_PATH_MAX, VMPaths
@@ -64,6 +65,7 @@ class SharedState:
     accel_probe: AccelProbe = field(default_factory=AccelProbe)
     monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
     qmp: QMPPool = field(default_factory=QMPPool)
+    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
 
     async def aclose(self) -> None:
         """Close the shared QMP connections (the VMs keep running)."""
