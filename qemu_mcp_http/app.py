@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qemu-mcp-http: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if settings.log_level != "DEBUG":
+        # asyncssh logs every channel (with its command line) at INFO: noise for an operator.
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
     if not is_loopback(settings.host) and not (settings.token or settings.token_file):
         log.warning(
             "serving %s WITHOUT authentication (--allow-unauthenticated): anyone who can connect controls VMs",

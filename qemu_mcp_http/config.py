@@ -67,6 +67,13 @@ class Settings:
         default=8,
         metadata={"help": "concurrent channels per SSH connection (sshd MaxSessions is 10)"},
     )
+    ssh_hosts_file: str = field(
+        default="",
+        metadata={
+            "help": "JSON file of named SSH hosts, {name: {address, port, user, key, known_hosts}}; "
+            "clients then pass host=<name> without credentials (tool arguments override)"
+        },
+    )
 
     # Security.
     token: str = field(

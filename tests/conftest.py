@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .sshd import remote_server_fixture, sshd_fixture  # noqa: F401 - session fixtures, registered once here
 from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
 
 

@@ -2,5 +2,17 @@
 
 from .base import CommandResult, FileStat, Host
 from .local import LocalHost
+from .pool import PoolLimits, PoolStats, SSHPool, SSHTarget
+from .ssh import SSHHost
 
-__all__ = ["CommandResult", "FileStat", "Host", "LocalHost"]
+__all__ = [
+    "CommandResult",
+    "FileStat",
+    "Host",
+    "LocalHost",
+    "PoolLimits",
+    "PoolStats",
+    "SSHHost",
+    "SSHPool",
+    "SSHTarget",
+]

@@ -1,0 +1,387 @@
+"""A remote machine as a :class:`Host`, over the pooled SSH connections of :mod:`.pool`.
+
+- Commands: ``shlex.join(argv)``, so every argument reaches the remote program as it is and
+  no string the client gave is interpreted by the remote shell.
+- Files: one SFTP session per connection, shared; a batch of reads is pipelined (open, read
+  until EOF, close, each stage for every file at once), so reading 3 or 300 files costs the
+  same few round trips.  Writes are atomic (temp file, fsync, ``posix-rename``).
+- Unix sockets (QMP, guest agent): a direct-streamlocal channel bridged to a local
+  ``socket.socketpair()``, so qemu.qmp talks to the remote socket as if it were local.
+
+A call that finds its connection dropped is retried once on a new connection when that
+is safe: always for reads, stats and atomic writes; for a command only when the channel
+was never opened (so the command cannot have run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shlex
+import socket
+import stat as stat_mod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
+
+import asyncssh
+
+from ..errors import (
+    CommandFailed,
+    HostError,
+    OperationTimeout,
+    QemuNotInstalled,
+    QMPUnavailable,
+)
+from .base import CommandResult, FileStat, Host
+from .pool import SSHConnection, SSHPool, SSHTarget
+
+__all__ = ["SSHHost"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Bytes asked per SFTP read, below OpenSSH's per-read cap (256 KiB - 1 KiB): from a regular file a shorter
+#: answer means end of file, so a small file costs one read.  /proc files (size 0, generated) are read to EOF.
+READ_CHUNK = 64 * 1024
+#: Largest file ``read_files`` returns; these are small metadata files.
+MAX_READ = 16 * 1024 * 1024
+_EXIT_NOT_FOUND = 127
+
+
+class _Lost(Exception):
+    """``conn`` died under an operation; ``safe`` says whether a retry cannot repeat a side effect."""
+
+    def __init__(self, conn: SSHConnection, safe: bool, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.conn = conn
+        self.safe = safe
+
+
+class SSHHost(Host):
+    """VMs on a remote machine, reached as ``target`` through ``pool``."""
+
+    def __init__(self, pool: SSHPool, target: SSHTarget) -> None:
+        self.pool = pool
+        self.target = target
+        self.name = target.display
+        # QMP connections are shared per remote account: QEMU serves one QMP client per socket.
+        self.identity = target.account
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    async def _with_retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` (which picks a pooled connection); once more if that connection died and it is safe."""
+        for attempt in (1, 2):
+            try:
+                return await op()
+            except _Lost as lost:
+                await self.pool.discard(lost.conn)
+                if attempt == 2 or not lost.safe:
+                    raise HostError(
+                        f"the SSH connection to {self.name} was lost during {what}; "
+                        + ("it may have run: check before retrying" if not lost.safe else "retry the call")
+                    ) from lost.__cause__
+                self.pool.stats.retries += 1
+                log.info("SSH connection to %s lost during %s; retrying once on a new one", self.target.label, what)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lost(self, conn: SSHConnection, exc: BaseException, safe: bool) -> _Lost | None:
+        """``_Lost`` when ``exc`` means the connection (or its SFTP session) died, else ``None``."""
+        dead = isinstance(
+            exc, asyncssh.ConnectionLost | asyncssh.DisconnectError | asyncssh.SFTPConnectionLost | BrokenPipeError
+        )
+        if dead or not conn.alive:
+            if isinstance(exc, asyncssh.SFTPConnectionLost):
+                conn.forget_sftp()
+            lost = _Lost(conn, safe, exc)
+            lost.__cause__ = exc
+            return lost
+        return None
+
+    # -- commands --------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        check: bool = True,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        if not argv:
+            raise ValueError("empty argv")
+        command = shlex.join(argv)
+
+        async def attempt() -> CommandResult:
+            async with self.pool.exec_slot(self.target, timeout) as conn:
+                return await self._exec(conn, argv, command, timeout, stdin)
+
+        result = await self._with_retry(argv[0], attempt)
+        if result.returncode == _EXIT_NOT_FOUND and "not found" in result.stderr:
+            raise QemuNotInstalled(argv[0], self.name)
+        if check and result.returncode != 0:
+            raise CommandFailed(argv, result.returncode, result.stderr)
+        return result
+
+    async def _exec(
+        self, conn: SSHConnection, argv: Sequence[str], command: str, timeout: float, stdin: bytes | None
+    ) -> CommandResult:
+        stats = self.pool.stats
+        stats.channels_opened += 1
+        stats.exec_requests += 1
+        stats.round_trips += 3  # channel open, exec request, exit status
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    proc = await conn.conn.create_process(command, encoding=None)
+                except asyncssh.ChannelOpenError as exc:
+                    lost = self._lost(conn, exc, safe=True)
+                    if lost is not None:
+                        raise lost from exc
+                    raise HostError(f"cannot run {argv[0]} on {self.name}: {exc.reason}") from exc
+                try:
+                    if stdin:
+                        proc.stdin.write(stdin)
+                    proc.stdin.write_eof()
+                    out, err = await proc.communicate()
+                finally:
+                    if proc.returncode is None and proc.exit_signal is None:
+                        with contextlib.suppress(Exception):
+                            proc.kill()  # sshd delivers the signal; closing the channel then ends the session
+                    proc.close()
+        except TimeoutError as exc:
+            raise OperationTimeout(f"{argv[0]} did not finish within {timeout:g} s on {self.name}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            lost = self._lost(conn, exc, safe=False)
+            if lost is not None:
+                raise lost from exc
+            raise HostError(f"running {argv[0]} on {self.name} failed: {_reason(exc)}") from exc
+        returncode = proc.returncode if proc.returncode is not None else -1
+        return CommandResult(
+            tuple(argv),
+            returncode,
+            _text(out),
+            _text(err),
+        )
+
+    # -- files -----------------------------------------------------------------------------------
+
+    async def _sftp_op(
+        self, what: str, op: Callable[[asyncssh.SFTPClient], Awaitable[T]], timeout: float, safe: bool = True
+    ) -> T:
+        async def attempt() -> T:
+            conn = await self.pool.connection(self.target)
+            try:
+                async with asyncio.timeout(timeout):
+                    sftp = await conn.sftp(timeout)
+                    return await op(sftp)
+            except TimeoutError as exc:
+                raise OperationTimeout(f"{what} on {self.name} did not finish within {timeout:g} s") from exc
+            except (asyncssh.Error, OSError) as exc:
+                lost = self._lost(conn, exc, safe)
+                if lost is not None:
+                    raise lost from exc
+                raise HostError(f"{what} on {self.name} failed: {_reason(exc)}") from exc
+
+        return await self._with_retry(what, attempt)
+
+    async def read_files(self, paths: Sequence[str], *, timeout: float) -> Mapping[str, bytes | None]:
+        unique = list(dict.fromkeys(paths))
+        if not unique:
+            return {}
+        stats = self.pool.stats
+
+        async def op(sftp: asyncssh.SFTPClient) -> dict[str, bytes | None]:
+            stats.sftp_requests += len(unique)
+            stats.round_trips += 1
+            opened = await asyncio.gather(*(_open_or_none(sftp, p) for p in unique))
+            files = {p: f for p, f in zip(unique, opened, strict=True) if f is not None}
+            data: dict[str, bytearray] = {p: bytearray() for p in files}
+            pending = dict(files)
+            try:
+                while pending:
+                    stats.sftp_requests += len(pending)
+                    stats.round_trips += 1
+                    chunks = await asyncio.gather(
+                        *(f.read(READ_CHUNK, len(data[p])) for p, f in pending.items()), return_exceptions=True
+                    )
+                    for p, chunk in zip(list(pending), chunks, strict=True):
+                        if isinstance(chunk, BaseException):
+                            if not isinstance(chunk, asyncssh.SFTPError) or isinstance(
+                                chunk, asyncssh.SFTPConnectionLost
+                            ):
+                                raise chunk
+                            data.pop(p)  # unreadable: None, as for a missing file
+                            del pending[p]
+                        elif not chunk:
+                            del pending[p]  # EOF
+                        else:
+                            data[p] += chunk if isinstance(chunk, bytes) else chunk.encode()
+                            if len(data[p]) > MAX_READ:
+                                data.pop(p)
+                                del pending[p]
+                            elif len(chunk) < READ_CHUNK and not p.startswith("/proc/"):
+                                del pending[p]  # a short read of a regular file is its end
+            finally:
+                stats.sftp_requests += len(files)
+                stats.round_trips += 1
+                await asyncio.gather(*(f.close() for f in files.values()), return_exceptions=True)
+            return {p: bytes(data[p]) if p in data else None for p in unique}
+
+        return await self._sftp_op("reading files", op, timeout)
+
+    async def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
+        directory, _, base = path.rpartition("/")
+        tmp = f"{directory}/.{base}.{secrets.token_hex(4)}.tmp"
+        stats = self.pool.stats
+
+        async def op(sftp: asyncssh.SFTPClient) -> None:
+            stats.sftp_requests += 4
+            stats.round_trips += 4
+            try:
+                async with sftp.open(tmp, "wb", asyncssh.SFTPAttrs(permissions=0o644)) as f:
+                    await f.write(data)
+                    with contextlib.suppress(asyncssh.SFTPOpUnsupported):
+                        stats.sftp_requests += 1
+                        stats.round_trips += 1
+                        await f.fsync()
+                await sftp.posix_rename(tmp, path)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(sftp.remove(tmp))
+                raise
+
+        await self._sftp_op(f"writing {path}", op, timeout)
+
+    async def stat(self, path: str, *, timeout: float) -> FileStat | None:
+        async def op(sftp: asyncssh.SFTPClient) -> FileStat | None:
+            self.pool.stats.sftp_requests += 1
+            self.pool.stats.round_trips += 1
+            try:
+                attrs = await sftp.lstat(path)
+            except asyncssh.SFTPNoSuchFile:
+                return None
+            mode = attrs.permissions or 0
+            return FileStat(
+                size=attrs.size or 0,
+                is_dir=stat_mod.S_ISDIR(mode),
+                is_file=stat_mod.S_ISREG(mode),
+                is_symlink=stat_mod.S_ISLNK(mode),
+            )
+
+        return await self._sftp_op(f"stat of {path}", op, timeout)
+
+    async def list_dir(self, path: str, *, timeout: float) -> list[str]:
+        async def op(sftp: asyncssh.SFTPClient) -> list[str]:
+            self.pool.stats.sftp_requests += 3
+            self.pool.stats.round_trips += 3  # opendir, readdir (until EOF), close
+            try:
+                names = await sftp.listdir(path)
+            except asyncssh.SFTPNoSuchFile:
+                return []
+            return sorted(str(n) for n in names if n not in (".", ".."))
+
+        return await self._sftp_op(f"listing {path}", op, timeout)
+
+    # -- unix sockets ----------------------------------------------------------------------------
+
+    async def open_unix_socket(self, path: str, *, timeout: float) -> socket.socket:
+        stats = self.pool.stats
+
+        async def attempt() -> socket.socket:
+            conn = await self.pool.connection(self.target)
+            stats.channels_opened += 1
+            stats.streamlocal_opens += 1
+            stats.round_trips += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    reader, writer = await conn.conn.open_unix_connection(path, encoding=None)
+            except TimeoutError as exc:
+                raise QMPUnavailable(f"no QMP endpoint at {path} on {self.name}: timed out") from exc
+            except (asyncssh.Error, OSError) as exc:
+                lost = self._lost(conn, exc, safe=True)
+                if lost is not None:
+                    raise lost from exc
+                raise QMPUnavailable(f"no QMP endpoint at {path} on {self.name}: {_reason(exc)}") from exc
+            return await self._bridge(reader, writer, path)
+
+        return await self._with_retry(f"connecting to {path}", attempt)
+
+    async def _bridge(
+        self,
+        reader: asyncssh.SSHReader[bytes],
+        writer: asyncssh.SSHWriter[bytes],
+        path: str,
+    ) -> socket.socket:
+        """One end of a socketpair for the caller; the other end pumped to and from the SSH channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.setblocking(False)
+        try:
+            local_reader, local_writer = await asyncio.open_unix_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            writer.close()
+            raise
+
+        async def to_remote() -> None:
+            try:
+                while data := await local_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        async def to_local() -> None:
+            try:
+                while data := await reader.read(65536):
+                    local_writer.write(data)
+                    await local_writer.drain()
+            finally:
+                local_writer.close()
+
+        async def pump() -> None:
+            tasks = [asyncio.create_task(to_remote()), asyncio.create_task(to_local())]
+            try:
+                # Either side ending (the caller closed its socket, or QEMU / the connection went away) ends both.
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                for result in results:
+                    if isinstance(result, Exception) and not isinstance(result, asyncssh.Error | OSError):
+                        log.debug("bridge to %s on %s ended: %r", path, self.name, result)
+                writer.close()
+                local_writer.close()
+
+        task = asyncio.get_running_loop().create_task(pump(), name=f"ssh-bridge {self.name}:{path}")
+        self.pool.track(task)
+        return theirs
+
+
+async def _open_or_none(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPClientFile | None:
+    """An open file, or ``None`` when it is missing or unreadable (connection loss propagates)."""
+    try:
+        return await sftp.open(path, "rb", block_size=0)
+    except asyncssh.SFTPConnectionLost:
+        raise
+    except asyncssh.SFTPError:
+        return None
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.Error):
+        return exc.reason or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
