@@ -67,18 +67,21 @@ async def monitor_vm(
             await sampler.prepare(interval)
         except QemuMcpError as exc:
             raise VMStateError(f"VM {name} stopped before monitoring began: {exc.message}") from exc
-        start = loop.time()
-        stop_at = start + settings.monitor_max_duration
-        n = 0
-        while count == 0 or n < count:
-            due = start + n * interval
-            if due > stop_at:
-                run.ended_by = "max_duration"
-                break
-            await sleep_until(due)
-            run.max_lateness_s = max(run.max_lateness_s, loop.time() - due)
-            sample = await sampler.sample()
-            n += 1
-            run.samples.append(sample)
-            await on_sample(n, sample)
+        try:
+            start = loop.time()
+            stop_at = start + settings.monitor_max_duration
+            n = 0
+            while count == 0 or n < count:
+                due = start + n * interval
+                if due > stop_at:
+                    run.ended_by = "max_duration"
+                    break
+                await sleep_until(due)
+                run.max_lateness_s = max(run.max_lateness_s, loop.time() - due)
+                sample = await sampler.sample()
+                n += 1
+                run.samples.append(sample)
+                await on_sample(n, sample)
+        finally:
+            await sampler.aclose()
     return run

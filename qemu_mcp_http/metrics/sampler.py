@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 Metric = Literal["cpu", "memory", "disk", "network"]
 METRICS: tuple[Metric, ...] = ("cpu", "memory", "disk", "network")
 BALLOON_PATH = "/machine/peripheral/balloon0"
-#: Retry a silent guest agent only every this many samples, so a guest without one costs little.
+#: Retry a silent guest agent only every this many samples, in the background, so that a guest
+#: without one never delays a sample.
 AGENT_RETRY_EVERY = 10
 
 
@@ -79,9 +81,13 @@ class Sampler:
         self._prev: dict[str, Any] | None = None
         self._samples = 0
         self._agent_silent_since: int | None = None
+        self._agent_probe: asyncio.Task[bool] | None = None
         self._vcpu_threads: list[tuple[int, int]] | None = None
 
     async def prepare(self, interval: float) -> None:
+        """Set up what the samples need; probes the guest agent before the schedule starts."""
+        if "network" in self.metrics and not await self._agent_answers():
+            self._agent_silent_since = 0
         if "memory" in self.metrics:
             try:
                 await self.qmp.execute(
@@ -199,7 +205,8 @@ class Sampler:
         sizes = block_sizes(await self.qmp.execute("query-block"))
         devices: dict[str, Any] = {}
         for name, now in stats.items():
-            if name not in sizes:  # an empty CD-ROM drive or an internal node
+            # Not a disk: an empty CD-ROM drive, an internal node, or arm64's UEFI code/variables flash.
+            if name not in sizes or name.startswith("pflash"):
                 continue
             was = prev["disk"].get(name) if prev else None
             base = was or dict.fromkeys(now, 0)
@@ -213,10 +220,33 @@ class Sampler:
             }
         return {"devices": devices}, stats
 
+    async def aclose(self) -> None:
+        """Stop a background agent probe."""
+        if self._agent_probe is not None:
+            self._agent_probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._agent_probe
+
+    async def _agent_answers(self) -> bool:
+        try:
+            async with guest_agent(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
+                await agent.execute("guest-ping")
+        except QemuMcpError:
+            return False
+        return True
+
     async def _network(self, prev: dict[str, Any] | None, seconds: float) -> tuple[dict[str, Any], Any]:
         reason = "user-mode networking has no host-side counters and the guest agent (qemu-guest-agent) did not answer"
         silent = self._agent_silent_since
-        if silent is not None and (self._samples - silent) % AGENT_RETRY_EVERY:
+        if silent is not None:
+            probe = self._agent_probe
+            if probe is not None and probe.done():
+                self._agent_probe = None
+                if not probe.cancelled() and probe.result():
+                    self._agent_silent_since = silent = None  # it answers now: ask it below
+            elif probe is None and (self._samples - silent) % AGENT_RETRY_EVERY == 0:
+                self._agent_probe = asyncio.create_task(self._agent_answers())
+        if silent is not None:
             return {"nic0": None, "source": None, "reason": reason}, None
         try:
             async with guest_agent(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
