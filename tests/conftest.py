@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .sshd import remote_server_fixture, sshd_fixture  # noqa: F401 - session fixtures, registered once here
+from .guest_image import guest_isos  # noqa: F401 - session fixtures, registered once here
+from .sshd import remote_server_fixture, sshd_fixture  # noqa: F401
 from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
 
 

@@ -271,7 +271,7 @@ async def test_server_killed_during_create(workdir: Path) -> None:
 
 async def test_monitor_cut_by_server_restart(workdir: Path) -> None:
     """SIGTERM while a count=0 monitor streams: the client's call ends with an error, the VM runs on."""
-    vm_dir = workdir / "restart-vms"
+    vm_dir = workdir / "monitor-restart-vms"
     vm_dir.mkdir()
     srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
     srv.start()
