@@ -151,7 +151,8 @@ async def test_pool_reuses_one_connection(rtools: ToolClient, remote_server: Ser
     after = ssh_health(remote_server)
     assert after["connections_opened"] == before["connections_opened"]
     assert after["open_connections"] == before["open_connections"]
-    assert after["exec_requests"] == before["exec_requests"]  # list_vms reads over SFTP only
+    # One scan command per list_vms, and concurrent scans of one vm_dir coalesce into fewer runs.
+    assert after["exec_requests"] - before["exec_requests"] <= len(answers) // 2, (before, after)
     print(f"20 concurrent warm list_vms: {time.monotonic() - began:.3f} s")
 
 

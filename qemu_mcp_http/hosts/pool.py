@@ -22,9 +22,9 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncssh
 from asyncssh.encryption import get_default_encryption_algs
@@ -43,6 +43,8 @@ from ..errors import (
 __all__ = ["PoolLimits", "PoolStats", "SSHConnection", "SSHPool", "SSHTarget"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _PREFERRED_ENCRYPTION = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _ENCRYPTION_ALGS = [
@@ -245,6 +247,40 @@ class _Slot:
         return list(self.conns)
 
 
+class Coalescer:
+    """Concurrent identical reads share one run that began after each of them asked.
+
+    A caller never gets an answer read before it called: if a run is under way, callers
+    wait for it to end and share the next one. So 20 concurrent ``list_vms`` of one
+    ``vm_dir`` cost at most two remote scans, and no extra channels or connections.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+        self._next: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def run(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        shared = self._next.get(key)
+        if shared is None:
+            shared = self._next[key] = asyncio.ensure_future(self._after_current(key, fn))
+            # Retrieved here too, so a run whose callers all gave up logs no "exception never retrieved".
+            shared.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # shield: one caller giving up (cancelled) must not cancel the others' run.
+        return cast(T, await asyncio.shield(shared))
+
+    async def _after_current(self, key: Hashable, fn: Callable[[], Awaitable[T]]) -> T:
+        current = self._running.get(key)
+        if current is not None:
+            await asyncio.wait([current])  # it began before some of our callers asked
+        me = self._next.pop(key)
+        self._running[key] = me
+        try:
+            return await fn()
+        finally:
+            if self._running.get(key) is me:
+                del self._running[key]
+
+
 class SSHPool:
     """Every SSH connection of the server.  Close it with :meth:`aclose`."""
 
@@ -255,6 +291,8 @@ class SSHPool:
         self._reaper: asyncio.Task[None] | None = None
         self._known_hosts_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Concurrent identical reads (list_vms of one vm_dir) share one run; see :class:`Coalescer`.
+        self.coalescer = Coalescer()
 
     # -- leases ----------------------------------------------------------------------------------
 

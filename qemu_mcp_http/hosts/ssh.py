@@ -16,6 +16,8 @@ was never opened (so the command cannot have run).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import secrets
@@ -34,7 +36,7 @@ from ..errors import (
     QemuNotInstalled,
     QMPUnavailable,
 )
-from .base import CommandResult, FileStat, Host
+from .base import CommandResult, FileStat, Host, SubdirFiles
 from .pool import SSHConnection, SSHPool, SSHTarget
 
 __all__ = ["SSHHost"]
@@ -49,6 +51,26 @@ READ_CHUNK = 64 * 1024
 #: Largest file ``read_files`` returns; these are small metadata files.
 MAX_READ = 16 * 1024 * 1024
 _EXIT_NOT_FOUND = 127
+
+#: :meth:`SSHHost.scan_subdirs` in one command. A constant program: the directory and file names
+#: arrive as positional parameters (each quoted by ``shlex.join``), never as program text. Every
+#: name and file goes out base64-encoded, one per line, so no content can break the framing.
+_SCAN_SCRIPT = r"""
+dir=$1; pidfile=$2; shift 2
+cd -- "$dir" 2>/dev/null || exit 0
+for d in *; do
+  [ -d "$d" ] || continue
+  printf 'D '; printf '%s' "$d" | base64 -w0; echo
+  for f in "$@"; do
+    if [ -f "$d/$f" ] && [ -r "$d/$f" ]; then printf 'F %s ' "$f"; base64 -w0 < "$d/$f"; echo; fi
+  done
+  pid=$(head -c 32 -- "$d/$pidfile" 2>/dev/null | tr -d ' \n')
+  case $pid in
+    ''|*[!0-9]*) ;;
+    *) if [ -r "/proc/$pid/cmdline" ]; then printf 'C '; base64 -w0 < "/proc/$pid/cmdline"; echo; fi ;;
+  esac
+done
+"""
 
 
 class _Lost(Exception):
@@ -286,6 +308,18 @@ class SSHHost(Host):
 
         return await self._sftp_op(f"listing {path}", op, timeout)
 
+    async def scan_subdirs(
+        self, directory: str, filenames: Sequence[str], *, pidfile: str, timeout: float
+    ) -> dict[str, SubdirFiles]:
+        # One exec instead of a listing and three batches of SFTP reads (13 round trips -> 3).
+        wanted = list(dict.fromkeys([*filenames, pidfile]))
+        argv = ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, *wanted]
+
+        async def scan() -> dict[str, SubdirFiles]:
+            return parse_scan((await self.run(argv, timeout=timeout)).stdout, filenames)
+
+        return await self.pool.coalescer.run((self.identity, *argv), scan)
+
     # -- unix sockets ----------------------------------------------------------------------------
 
     async def open_unix_socket(self, path: str, *, timeout: float) -> socket.socket:
@@ -361,6 +395,28 @@ class SSHHost(Host):
         task = asyncio.get_running_loop().create_task(pump(), name=f"ssh-bridge {self.name}:{path}")
         self.pool.track(task)
         return theirs
+
+
+def parse_scan(output: str, filenames: Sequence[str]) -> dict[str, SubdirFiles]:
+    """Decode the output of ``_SCAN_SCRIPT`` (lines ``D <name>``, ``F <file> <data>``, ``C <cmdline>``, base64)."""
+    found: dict[str, tuple[dict[str, bytes | None], list[bytes | None]]] = {}
+    current: tuple[dict[str, bytes | None], list[bytes | None]] | None = None
+    for line in output.splitlines():
+        kind, _, rest = line.partition(" ")
+        try:
+            if kind == "D":
+                current = ({}, [None])
+                found[base64.b64decode(rest, validate=True).decode(errors="surrogateescape")] = current
+            elif kind == "F" and current is not None:
+                name, _, data = rest.partition(" ")
+                current[0][name] = base64.b64decode(data, validate=True)
+            elif kind == "C" and current is not None:
+                current[1][0] = base64.b64decode(rest, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise HostError(f"unreadable answer of the directory scan: {exc}") from exc
+    return {
+        name: SubdirFiles({f: files.get(f) for f in filenames}, cmdline[0]) for name, (files, cmdline) in found.items()
+    }
 
 
 async def _open_or_none(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPClientFile | None:

@@ -582,13 +582,14 @@ class VMManager:
     # -- list ------------------------------------------------------------------------------------
 
     async def list(self) -> tuple[list[tuple[VMDefinition, VMState]], dict[str, list[str]]]:
-        """Every VM with its state: two batched file reads, then QMP only for live processes.
+        """Every VM with its state: one scan of vm_dir, then QMP (in parallel) only for live processes.
 
         Also what is in ``vm_dir`` but not a VM: ``unreadable`` definitions and ``incomplete``
         directories (a create cut short).
         """
-        definitions, broken, incomplete = await self.store.load_all()
-        facts = await self.store.process_facts([d.name for d in definitions])
+        scanned, broken, incomplete = await self.store.scan()
+        definitions = [d for d, _ in scanned]
+        facts = {d.name: f for d, f in scanned}
         limiter = asyncio.Semaphore(16)
 
         async def one(d: VMDefinition) -> VMState:

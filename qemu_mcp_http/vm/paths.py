@@ -6,10 +6,14 @@ import posixpath
 from dataclasses import dataclass
 from functools import cached_property
 
-__all__ = ["UNIX_PATH_MAX", "VMPaths"]
+__all__ = ["DEFINITION_FILE", "PID_FILE", "RUNTIME_FILE", "UNIX_PATH_MAX", "VMPaths"]
 
 #: sun_path holds 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
+
+DEFINITION_FILE = "vm.json"
+RUNTIME_FILE = "runtime.json"
+PID_FILE = "qemu.pid"
 
 
 @dataclass(frozen=True)
@@ -26,12 +30,12 @@ class VMPaths:
 
     @cached_property
     def definition(self) -> str:
-        return self._file("vm.json")
+        return self._file(DEFINITION_FILE)
 
     @cached_property
     def runtime(self) -> str:
         """Facts of the current run (accelerator, start time, argv); stale once QEMU is gone."""
-        return self._file("runtime.json")
+        return self._file(RUNTIME_FILE)
 
     @cached_property
     def qmp_socket(self) -> str:
@@ -43,7 +47,7 @@ class VMPaths:
 
     @cached_property
     def pidfile(self) -> str:
-        return self._file("qemu.pid")
+        return self._file(PID_FILE)
 
     @cached_property
     def console_log(self) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import VMNotFound
 from ..hosts.base import Host
-from .paths import VMPaths
+from .paths import DEFINITION_FILE, PID_FILE, RUNTIME_FILE, VMPaths
 from .spec import VMDefinition
 
 __all__ = ["ProcessFacts", "VMStore", "parse_pid", "process_matches"]
@@ -72,35 +72,6 @@ class VMStore:
             )
         return definition
 
-    async def load_all(self) -> tuple[list[VMDefinition], list[str], list[str]]:
-        """Every VM of ``vm_dir`` in two round trips, then the odd ones out.
-
-        Returns the definitions, the names whose definition is unreadable, and the names of
-        directories without a definition (a create cut short by a crash); the last two are
-        never counted as VMs.
-        """
-        names = [n for n in await self.host.list_dir(self.vm_dir, timeout=self.io_timeout) if not n.startswith(".")]
-        files = [self.paths(n).definition for n in names]
-        raws = await self.host.read_files(files, timeout=self.io_timeout) if files else {}
-        good: list[VMDefinition] = []
-        broken: list[str] = []
-        missing: list[str] = []
-        for name, path in zip(names, files, strict=True):
-            definition = self._decode(name, raws.get(path))
-            if definition is not None:
-                good.append(definition)
-            elif raws.get(path) is not None:
-                broken.append(name)
-            else:
-                missing.append(name)
-        # Rare, so one stat each is fine: plain files in vm_dir (disks, ISOs) are not leftovers.
-        incomplete = [
-            n
-            for n in missing
-            if (st := await self.host.stat(self.paths(n).directory, timeout=self.io_timeout)) and st.is_dir
-        ]
-        return good, broken, incomplete
-
     async def save(self, definition: VMDefinition) -> None:
         data = json.dumps(definition.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         await self.host.write_file(self.paths(definition.name).definition, data, timeout=self.io_timeout)
@@ -117,19 +88,33 @@ class VMStore:
         pids = {name: parse_pid(raws.get(paths.pidfile)) for name, paths in all_paths.items()}
         proc_paths = {name: f"/proc/{pid}/cmdline" for name, pid in pids.items() if pid is not None}
         cmdlines = await self.host.read_files(list(proc_paths.values()), timeout=self.io_timeout) if proc_paths else {}
-        facts: dict[str, ProcessFacts] = {}
-        for name, paths in all_paths.items():
-            pid = pids[name]
-            alive = pid is not None and process_matches(cmdlines.get(proc_paths[name]), paths)
-            runtime: Mapping[str, Any] = {}
-            raw_runtime = raws.get(paths.runtime)
-            if alive and raw_runtime:
-                try:
-                    runtime = json.loads(raw_runtime)
-                except ValueError:
-                    runtime = {}
-            facts[name] = ProcessFacts(pid=pid if alive else None, alive=alive, runtime=runtime)
-        return facts
+        return {
+            name: _facts(paths, pids[name], cmdlines.get(proc_paths.get(name, "")), raws.get(paths.runtime))
+            for name, paths in all_paths.items()
+        }
+
+    async def scan(self) -> tuple[list[tuple[VMDefinition, ProcessFacts]], list[str], list[str]]:
+        """Every VM of ``vm_dir`` with its process facts, in one host operation (one round trip over SSH).
+
+        Returns the VMs, the names whose definition is unreadable, and the names of directories
+        without a definition (a create cut short by a crash); the last two are never counted as VMs.
+        """
+        snapshot = await self.host.scan_subdirs(
+            self.vm_dir, (DEFINITION_FILE, RUNTIME_FILE, PID_FILE), pidfile=PID_FILE, timeout=self.io_timeout
+        )
+        vms: list[tuple[VMDefinition, ProcessFacts]] = []
+        broken: list[str] = []
+        incomplete: list[str] = []
+        for name, found in snapshot.items():
+            raw = found.files.get(DEFINITION_FILE)
+            definition = self._decode(name, raw)
+            if definition is None:
+                (broken if raw is not None else incomplete).append(name)
+                continue
+            paths = self.paths(name)
+            pid = parse_pid(found.files.get(PID_FILE))
+            vms.append((definition, _facts(paths, pid, found.cmdline, found.files.get(RUNTIME_FILE))))
+        return vms, broken, incomplete
 
     def _decode(self, name: str, raw: bytes | None) -> VMDefinition | None:
         if raw is None:
@@ -154,3 +139,14 @@ class VMStore:
             )
             return None
         return definition
+
+
+def _facts(paths: VMPaths, pid: int | None, cmdline: bytes | None, raw_runtime: bytes | None) -> ProcessFacts:
+    alive = pid is not None and process_matches(cmdline, paths)
+    runtime: Mapping[str, Any] = {}
+    if alive and raw_runtime:
+        try:
+            runtime = json.loads(raw_runtime)
+        except ValueError:
+            runtime = {}
+    return ProcessFacts(pid=pid if alive else None, alive=alive, runtime=runtime)
