@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=10,
         log_config=None,  # one format for all loggers, set above
     )
-    _Server(config, on_exit=app.state.shutdown.trigger).run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it has handled gracefully
+        _Server(config, on_exit=app.state.shutdown.trigger).run()
     return 0
 
 

@@ -11,8 +11,10 @@ want_tests=0
 
 packages=(qemu-system-x86 qemu-system-arm qemu-efi-aarch64 qemu-utils openssh-client python3 python3-venv ca-certificates)
 if ((want_tests)); then
-    # sshd for the remote-host tests; grub/xorriso/mtools/cpio/busybox build the bootable test guest.
+    # sshd for the remote-host tests; grub/xorriso/mtools/cpio/busybox build the bootable test guest;
+    # podman/runc/debootstrap build and run the container image (tests/test_container.py).
     packages+=(openssh-server grub-common grub-pc-bin xorriso mtools cpio busybox-static dpkg-dev procps iproute2)
+    packages+=(podman runc debootstrap)
 fi
 
 missing=()
