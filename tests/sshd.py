@@ -139,6 +139,13 @@ class SSHServer:
         if subprocess.run(["id", "-u", self.user], capture_output=True).returncode != 0:
             _run("useradd", "-M", "-d", str(home), "-s", "/bin/sh", self.user)
         else:
+            # Processes of the dedicated test user left by an earlier run (sshd sessions being reaped)
+            # make usermod refuse (exit 8); none of them is wanted now.
+            subprocess.run(["pkill", "-KILL", "-u", self.user], check=False)
+            for _ in range(50):
+                if subprocess.run(["usermod", "-d", str(home), "-s", "/bin/sh", self.user]).returncode != 8:
+                    break
+                time.sleep(0.1)
             _run("usermod", "-d", str(home), "-s", "/bin/sh", self.user)
         _run("chpasswd", stdin=f"{self.user}:{self.password}\n")
         shutil.chown(home, self.user, self.user)

@@ -16,8 +16,6 @@ was never opened (so the command cannot have run).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import secrets
@@ -52,24 +50,35 @@ READ_CHUNK = 64 * 1024
 MAX_READ = 16 * 1024 * 1024
 _EXIT_NOT_FOUND = 127
 
-#: :meth:`SSHHost.scan_subdirs` in one command. A constant program: the directory and file names
-#: arrive as positional parameters (each quoted by ``shlex.join``), never as program text. Every
-#: name and file goes out base64-encoded, one per line, so no content can break the framing.
+#: :meth:`SSHHost.scan_subdirs` in one command, with three processes whatever the number of VMs (sh, wc,
+#: cat): a fork per file would cost more than the round trips it saves. A constant program: the directory
+#: and file names arrive as positional parameters (each quoted by ``shlex.join``), never as program text.
+#: Only names a VM may have are scanned, so every path is safe to print on a line; contents are framed by
+#: their sizes from ``wc -c``, and the parser checks the total (a file that changed in between: scan again).
 _SCAN_SCRIPT = r"""
 dir=$1; pidfile=$2; shift 2
 cd -- "$dir" 2>/dev/null || exit 0
+names=$*
+set --
 for d in *; do
+  case $d in [A-Za-z0-9]*) ;; *) continue ;; esac
+  case $d in *[!A-Za-z0-9._-]*) continue ;; esac
   [ -d "$d" ] || continue
-  printf 'D '; printf '%s' "$d" | base64 -w0; echo
-  for f in "$@"; do
-    if [ -f "$d/$f" ] && [ -r "$d/$f" ]; then printf 'F %s ' "$f"; base64 -w0 < "$d/$f"; echo; fi
+  echo "D $d"
+  for f in $names; do
+    if [ -f "$d/$f" ] && [ -r "$d/$f" ]; then set -- "$@" "$d/$f"; fi
   done
-  pid=$(head -c 32 -- "$d/$pidfile" 2>/dev/null | tr -d ' \n')
+  pid=
+  if [ -r "$d/$pidfile" ]; then read -r pid < "$d/$pidfile"; fi
   case $pid in
     ''|*[!0-9]*) ;;
-    *) if [ -r "/proc/$pid/cmdline" ]; then printf 'C '; base64 -w0 < "/proc/$pid/cmdline"; echo; fi ;;
+    *) if [ -r "/proc/$pid/cmdline" ]; then echo "P $d $pid"; set -- "$@" "/proc/$pid/cmdline"; fi ;;
   esac
 done
+echo S
+if [ $# -gt 0 ]; then wc -c -- "$@"; fi
+echo C
+if [ $# -gt 0 ]; then cat -- "$@"; fi
 """
 
 
@@ -133,24 +142,31 @@ class SSHHost(Host):
         check: bool = True,
         stdin: bytes | None = None,
     ) -> CommandResult:
-        if not argv:
-            raise ValueError("empty argv")
-        command = shlex.join(argv)
-
-        async def attempt() -> CommandResult:
-            async with self.pool.exec_slot(self.target, timeout) as conn:
-                return await self._exec(conn, argv, command, timeout, stdin)
-
-        result = await self._with_retry(argv[0], attempt)
+        returncode, out, err = await self._run_raw(argv, timeout=timeout, stdin=stdin)
+        result = CommandResult(tuple(argv), returncode, _text(out), _text(err))
         if result.returncode == _EXIT_NOT_FOUND and "not found" in result.stderr:
             raise QemuNotInstalled(argv[0], self.name)
         if check and result.returncode != 0:
             raise CommandFailed(argv, result.returncode, result.stderr)
         return result
 
+    async def _run_raw(
+        self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """Exit status, stdout and stderr, as bytes."""
+        if not argv:
+            raise ValueError("empty argv")
+        command = shlex.join(argv)
+
+        async def attempt() -> tuple[int, bytes, bytes]:
+            async with self.pool.exec_slot(self.target, timeout) as conn:
+                return await self._exec(conn, argv, command, timeout, stdin)
+
+        return await self._with_retry(argv[0], attempt)
+
     async def _exec(
         self, conn: SSHConnection, argv: Sequence[str], command: str, timeout: float, stdin: bytes | None
-    ) -> CommandResult:
+    ) -> tuple[int, bytes, bytes]:
         stats = self.pool.stats
         stats.channels_opened += 1
         stats.exec_requests += 1
@@ -182,12 +198,7 @@ class SSHHost(Host):
                 raise lost from exc
             raise HostError(f"running {argv[0]} on {self.name} failed: {_reason(exc)}") from exc
         returncode = proc.returncode if proc.returncode is not None else -1
-        return CommandResult(
-            tuple(argv),
-            returncode,
-            _text(out),
-            _text(err),
-        )
+        return returncode, _bytes(out), _bytes(err)
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -316,7 +327,15 @@ class SSHHost(Host):
         argv = ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, *wanted]
 
         async def scan() -> dict[str, SubdirFiles]:
-            return parse_scan((await self.run(argv, timeout=timeout)).stdout, filenames)
+            for _ in range(3):
+                returncode, out, err = await self._run_raw(argv, timeout=timeout)
+                if returncode != 0:
+                    raise CommandFailed(["sh"], returncode, _text(err))
+                try:
+                    return parse_scan(out, filenames)
+                except ScanChanged:
+                    continue  # a VM started or stopped under the scan
+            raise HostError(f"the files of {directory} on {self.name} kept changing while being read; retry")
 
         return await self.pool.coalescer.run((self.identity, *argv), scan)
 
@@ -397,25 +416,51 @@ class SSHHost(Host):
         return theirs
 
 
-def parse_scan(output: str, filenames: Sequence[str]) -> dict[str, SubdirFiles]:
-    """Decode the output of ``_SCAN_SCRIPT`` (lines ``D <name>``, ``F <file> <data>``, ``C <cmdline>``, base64)."""
-    found: dict[str, tuple[dict[str, bytes | None], list[bytes | None]]] = {}
-    current: tuple[dict[str, bytes | None], list[bytes | None]] | None = None
-    for line in output.splitlines():
+class ScanChanged(Exception):
+    """A file changed between the sizes and the contents of a scan; scanning again settles it."""
+
+
+def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles]:
+    """Decode the output of ``_SCAN_SCRIPT``.
+
+    Lines ``D <name>`` and ``P <name> <pid>``, a line ``S``, the ``wc -c`` lines, a line ``C``, then the
+    files' contents back to back in the order ``wc`` listed them. Names and paths cannot hold a newline
+    (the script scans only names a VM may have), so only the contents need their sizes.
+
+    :raise ScanChanged: the contents do not add up to the sizes (a file changed in between).
+    """
+    start = 0 if output.startswith(b"S\n") else output.find(b"\nS\n") + 1  # 0: not found, or at the start
+    end = output.find(b"\nC\n", start)
+    if not output.startswith(b"S\n", start) or end < 0:
+        raise HostError("unreadable answer of the directory scan")
+    listing, sizes_text, data = output[:start], output[start + 2 : end + 1], output[end + 3 :]
+    found: dict[str, dict[str, bytes | None]] = {}
+    proc_of: dict[str, str] = {}
+    for line in listing.decode().splitlines():
         kind, _, rest = line.partition(" ")
-        try:
-            if kind == "D":
-                current = ({}, [None])
-                found[base64.b64decode(rest, validate=True).decode(errors="surrogateescape")] = current
-            elif kind == "F" and current is not None:
-                name, _, data = rest.partition(" ")
-                current[0][name] = base64.b64decode(data, validate=True)
-            elif kind == "C" and current is not None:
-                current[1][0] = base64.b64decode(rest, validate=True)
-        except (ValueError, binascii.Error) as exc:
-            raise HostError(f"unreadable answer of the directory scan: {exc}") from exc
+        if kind == "D":
+            found[rest] = {}
+        elif kind == "P":
+            name, _, pid = rest.rpartition(" ")
+            proc_of[f"/proc/{pid}/cmdline"] = name
+    sizes: list[tuple[str, int]] = []
+    for line in sizes_text.decode().splitlines():
+        count, _, path = line.strip().partition(" ")
+        if "/" in path:  # not wc's "total" line
+            sizes.append((path, int(count)))
+    if sum(size for _, size in sizes) != len(data):
+        raise ScanChanged
+    cmdlines: dict[str, bytes] = {}
+    offset = 0
+    for path, size in sizes:
+        content, offset = data[offset : offset + size], offset + size
+        if path in proc_of:
+            cmdlines[proc_of[path]] = content
+        else:
+            name, _, filename = path.partition("/")
+            found.setdefault(name, {})[filename] = content
     return {
-        name: SubdirFiles({f: files.get(f) for f in filenames}, cmdline[0]) for name, (files, cmdline) in found.items()
+        name: SubdirFiles({f: files.get(f) for f in filenames}, cmdlines.get(name)) for name, files in found.items()
     }
 
 
@@ -427,6 +472,12 @@ async def _open_or_none(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPCl
         raise
     except asyncssh.SFTPError:
         return None
+
+
+def _bytes(data: bytes | str | None) -> bytes:
+    if data is None:
+        return b""
+    return data if isinstance(data, bytes) else data.encode()
 
 
 def _text(data: bytes | str | None) -> str:
