@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import FrameType
 from typing import Any
@@ -20,12 +21,14 @@ from pydantic import AnyHttpUrl, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from . import __version__
-from .config import Settings, is_loopback, parse_settings
+from .check import run_checks
+from .config import Settings, is_loopback, parse_invocation
 from .context import AppContext
+from .observability import CONTENT_TYPE, CallRecord, Metrics, configure_logging, tool_call
 from .security import (
     SCOPE,
     HeaderGuard,
@@ -46,17 +49,61 @@ SECRET_ARGS = frozenset({"ssh_pwd"})
 
 
 class QemuMCPServer(MCPServer[AppContext]):
-    """MCPServer whose argument-validation failures use the tools' own ``{success: false}`` envelope."""
+    """MCPServer whose calls are logged and counted, and whose argument-validation failures use the tools'
+    own ``{success: false}`` envelope."""
+
+    metrics: Metrics
+    tool_names: frozenset[str] = frozenset()
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppContext, Any] | None = None
     ) -> Any:
-        try:
-            return await super().call_tool(name, arguments, context)
-        except ToolError as exc:
-            if not isinstance(exc.__cause__, ValidationError):
-                raise
-            return validation_envelope(name, arguments, exc.__cause__)
+        # Here rather than in each tool: calls refused before a tool body runs (bad arguments) count too.
+        # A name the server does not know is not a label: clients must not grow the metrics at will.
+        tool = name if name in self.tool_names else "unknown"
+        with tool_call(self.metrics, call_record(tool, arguments, context)) as record:
+            try:
+                result = await super().call_tool(name, arguments, context)
+            except ToolError as exc:
+                if not isinstance(exc.__cause__, ValidationError):
+                    raise
+                result = validation_envelope(name, arguments, exc.__cause__)
+            if isinstance(result, CallToolResult):
+                settle(record, result)
+            return result
+
+
+def call_record(name: str, arguments: dict[str, Any], context: Context[Any, Any] | None) -> CallRecord:
+    """What the arguments say of the call (never a credential); the answer refines host and VM later."""
+    try:
+        request_id = context.request_id if context is not None else uuid.uuid4().hex
+    except ValueError:  # a Context outside a request
+        request_id = uuid.uuid4().hex
+    host, user, vm, action = (arguments.get(key) for key in ("host", "ssh_user", "name", "action"))
+    local = host in (None, "", "localhost") and not user
+    return CallRecord(
+        tool=name,
+        request_id=printable(request_id),
+        host="localhost" if local else printable(host),
+        vm=printable(vm) if isinstance(vm, str) else None,
+        action=printable(action) if isinstance(action, str) else None,
+    )
+
+
+def printable(value: object, limit: int = 100) -> str:
+    """A client's value made safe for a text log line: one line, bounded (it has not been validated yet)."""
+    text = str(value)
+    return "".join(c if c.isprintable() else "?" for c in text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def settle(record: CallRecord, result: CallToolResult) -> None:
+    """Outcome, host and VM from the tool's ``{success, message, data}`` answer."""
+    data = (result.structured_content or {}).get("data")
+    data = data if isinstance(data, dict) else {}
+    record.host = printable(data.get("host", record.host))
+    record.vm = printable(data["vm_name"]) if "vm_name" in data else record.vm
+    if result.is_error:
+        record.fail(str(data.get("error", "ToolError")))
 
 
 def validation_envelope(tool: str, arguments: dict[str, Any], error: ValidationError) -> CallToolResult:
@@ -73,7 +120,9 @@ def validation_envelope(tool: str, arguments: dict[str, Any], error: ValidationE
     return envelope(False, "; ".join(problems), data)
 
 
-def build_mcp(app_context: AppContext) -> QemuMCPServer:
+def build_mcp(app_context: AppContext, tokens: dict[str, str] | None = None) -> QemuMCPServer:
+    """The MCP server; ``tokens`` (``{token: client_id}``, default: from the settings) guard it when not empty."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with app_context:
@@ -83,7 +132,7 @@ def build_mcp(app_context: AppContext) -> QemuMCPServer:
                 await app_context.shared.aclose()
 
     settings = app_context.settings
-    tokens = load_tokens(settings)
+    tokens = load_tokens(settings) if tokens is None else tokens
     auth: dict[str, Any] = {}
     if tokens:
         auth = {
@@ -101,16 +150,22 @@ def build_mcp(app_context: AppContext) -> QemuMCPServer:
         lifespan=lifespan,
         **auth,
     )
+    names = []
     for module in (manage_vm, list_vms, monitor_vm_status):
-        fn = getattr(module, module.__name__.rsplit(".", 1)[1])
-        server.add_tool(fn, description=module.DESCRIPTION, annotations=module.ANNOTATIONS)
+        names.append(module.__name__.rsplit(".", 1)[1])
+        server.add_tool(getattr(module, names[-1]), description=module.DESCRIPTION, annotations=module.ANNOTATIONS)
+    server.metrics = app_context.metrics
+    server.tool_names = frozenset(names)
     return server
 
 
 def build_app(settings: Settings) -> Starlette:
-    """The ASGI app: ``/mcp`` (streamable HTTP, SSE responses so progress reaches clients) and ``/healthz``."""
+    """The ASGI app: ``/mcp`` (streamable HTTP, SSE responses so progress reaches clients), ``/healthz``
+    (open, for health checks) and ``/metrics`` (Prometheus; behind the bearer token when one is set)."""
     app_context = AppContext(settings)
-    mcp = build_mcp(app_context)
+    tokens = load_tokens(settings)
+    verifier = StaticTokenVerifier(tokens) if tokens else None
+    mcp = build_mcp(app_context, tokens)
     mcp_app = mcp.streamable_http_app(
         streamable_http_path="/mcp",
         host=settings.host,
@@ -122,6 +177,16 @@ def build_app(settings: Settings) -> Starlette:
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse(app_context.health())
 
+    async def metrics(request: Request) -> Response:
+        # Counts and host names are not secrets, but they map the estate: the same token as /mcp guards them.
+        if verifier is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or await verifier.verify_token(token.strip()) is None:
+                return PlainTextResponse(
+                    "a bearer token is required", status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+        return Response(app_context.metrics.exposition(), media_type=CONTENT_TYPE)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         app_context.shared.shutdown.bind(asyncio.get_running_loop())
@@ -129,7 +194,11 @@ def build_app(settings: Settings) -> Starlette:
             log.info("qemu-mcp-http %s serving on http://%s:%d/mcp", __version__, settings.host, settings.port)
             yield
 
-    routes = [Route("/healthz", healthz, methods=["GET"]), Mount("/", app=mcp_app)]
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Mount("/", app=mcp_app),
+    ]
     starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -146,16 +215,18 @@ def build_app(settings: Settings) -> Starlette:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Serve; or, with ``--check``, report whether the server can run here (exit 0 usable, 1 not)."""
+    invocation = parse_invocation(argv)  # --help, --version and malformed flags exit here
+    if invocation.check:
+        configure_logging("ERROR", "text")  # the report says it all; the probe's own lines would repeat it
+        return run_checks(invocation, sys.stdout)
     try:
-        settings = parse_settings(argv)
+        settings = invocation.settings()
         app = build_app(settings)
     except ValueError as exc:
         print(f"qemu-mcp-http: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    if settings.log_level != "DEBUG":
-        # asyncssh logs every channel (with its command line) at INFO: noise for an operator.
-        logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    configure_logging(settings.log_level, settings.log_format)
     if not is_loopback(settings.host) and not (settings.token or settings.token_file):
         log.warning(
             "serving %s WITHOUT authentication (--allow-unauthenticated): anyone who can connect controls VMs",

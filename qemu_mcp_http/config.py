@@ -14,11 +14,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-__all__ = ["DEFAULT_SETTINGS", "Accel", "HostKeyPolicy", "Settings", "parse_settings"]
+from .version import __version__
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "Accel",
+    "HostKeyPolicy",
+    "Invocation",
+    "LogFormat",
+    "Settings",
+    "parse_invocation",
+    "parse_settings",
+]
 
 Accel = Literal["auto", "kvm", "tcg"]
 HostKeyPolicy = Literal["strict", "accept-new", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
 
 ENV_PREFIX = "QEMU_MCP_"
 
@@ -35,6 +47,13 @@ class Settings:
         metadata={"help": "auto (KVM only when a probe proves it runs guests), kvm, tcg"},
     )
     log_level: LogLevel = field(default="INFO", metadata={"help": "log level"})
+    log_format: LogFormat = field(
+        default="text",
+        metadata={
+            "help": "text (for people) or json (one object per line: time, level, logger, message, and for tool "
+            "calls request_id, tool, host, vm, action, duration_ms, outcome, error)"
+        },
+    )
     # Timeouts: every await that touches a process, socket or host has one.
     qmp_timeout: float = field(default=5.0, metadata={"help": "timeout of one QMP command"})
     command_timeout: float = field(default=60.0, metadata={"help": "timeout of one host command (qemu-img, ...)"})
@@ -156,6 +175,7 @@ def _choices(annotation: Any) -> tuple[str, ...]:
         "Accel": Accel,
         "HostKeyPolicy": HostKeyPolicy,
         "LogLevel": LogLevel,
+        "LogFormat": LogFormat,
     }.get(str(annotation))
     return tuple(get_args(resolved)) if resolved is not None else ()
 
@@ -186,21 +206,44 @@ def _caster(annotation: Any) -> Callable[[str], Any]:
 DEFAULT_SETTINGS = Settings()
 
 
-def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Build :class:`Settings` from defaults, then ``QEMU_MCP_*`` variables, then flags.
+@dataclass(frozen=True)
+class Invocation:
+    """What the command line asks for: serve (default) or ``check``, with the settings' flags and environment.
 
-    :raise ValueError: a value is malformed (the message names it).
+    The settings are built on demand, so that ``--check`` can report a bad setting instead of dying of it.
     """
-    environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for f in fields(Settings):
-        raw = environ.get(ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            try:
-                values[f.name] = _caster(f.type)(raw)
-            except ValueError as exc:
-                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from exc
+
+    flags: Mapping[str, Any]
+    environ: Mapping[str, str]
+    check: bool = False
+
+    def settings(self) -> Settings:
+        """Defaults, then ``QEMU_MCP_*`` variables, then flags.
+
+        :raise ValueError: a value is malformed (the message names it).
+        """
+        values: dict[str, Any] = {}
+        for f in fields(Settings):
+            raw = self.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                try:
+                    values[f.name] = _caster(f.type)(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from exc
+        values.update(self.flags)
+        return Settings(**values)
+
+
+def parse_invocation(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Invocation:
+    """Parse the flags (``--help`` and ``--version`` print and exit, a malformed flag exits 2, as argparse does)."""
     parser = argparse.ArgumentParser(prog="qemu-mcp-http", description="MCP server managing QEMU VMs over HTTP")
+    parser.add_argument("--version", action="version", version=f"qemu-mcp-http {__version__}")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the settings and this machine (QEMU binaries, UEFI firmware, vm_dir, KVM), print a report "
+        "and exit: 0 when the server can run here, 1 when something it needs is missing",
+    )
     for f in fields(Settings):
         choices = _choices(f.type) or None
         flag = "--" + f.name.replace("_", "-")
@@ -216,6 +259,18 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
             default=None,
             help=help_text,
         )
-    args = parser.parse_args(argv)
-    values.update({k: v for k, v in vars(args).items() if v is not None})
-    return Settings(**values)
+    args = vars(parser.parse_args(argv))
+    check = bool(args.pop("check"))
+    return Invocation(
+        flags={k: v for k, v in args.items() if v is not None},
+        environ={k: v for k, v in (os.environ if environ is None else environ).items() if k.startswith(ENV_PREFIX)},
+        check=check,
+    )
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from defaults, then ``QEMU_MCP_*`` variables, then flags.
+
+    :raise ValueError: a value is malformed (the message names it).
+    """
+    return parse_invocation(argv, environ).settings()

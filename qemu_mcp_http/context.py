@@ -15,6 +15,7 @@ from .hosts.base import Host
 from .hosts.local import LocalHost
 from .hosts.pool import PoolLimits, SSHPool, SSHTarget
 from .hosts.ssh import SSHHost
+from .observability import Metrics
 from .version import __version__
 from .vm.lifecycle import SharedState
 
@@ -139,10 +140,13 @@ class AppContext:
     local: LocalHost = field(default_factory=LocalHost)
     ssh: SSHPool = field(init=False)
     named_hosts: dict[str, NamedHost] = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
         self.ssh = SSHPool(PoolLimits.from_settings(self.settings))
+        streams = self.shared.monitor_streams
+        self.metrics = Metrics(pool=self.ssh.snapshot, monitor_streams=lambda: streams.running)
         self.named_hosts = load_named_hosts(self.settings.ssh_hosts_file)
 
     async def __aenter__(self) -> AppContext:

@@ -230,6 +230,11 @@ class StreamLimiter:
 
     _active: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def running(self) -> int:
+        """Streams running now, all clients together."""
+        return sum(self._active.values())
+
     @contextlib.contextmanager
     def slot(self, client: str, per_client: int, total: int) -> Iterator[None]:
         mine = self._active.get(client, 0)

@@ -139,6 +139,8 @@ class PoolStats:
 
     connections_opened: int = 0
     connections_closed: int = 0
+    #: Tool calls that found a live connection to their target (no handshake paid).
+    connections_reused: int = 0
     connect_failures: int = 0
     channels_opened: int = 0
     exec_requests: int = 0
@@ -307,6 +309,8 @@ class SSHPool:
         slot = self._slot(target)
         slot.users += 1
         try:
+            if slot.live():
+                self.stats.connections_reused += 1
             await self.connection(target)
             yield
         finally:

@@ -9,7 +9,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ..context import HostRequest
-from ..vm.lifecycle import VMManager
+from ..vm.lifecycle import VMManager, VMState
 from ..vm.spec import parse_arch
 from ._common import (
     HostArg,
@@ -64,6 +64,8 @@ async def list_vms(
         async with app.host(request) as target:
             vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
             listed, problems = await vms.list()
+        # Every VM of the directory, before the filters: the metric is the directory's state, not this answer.
+        app.metrics.record_vms(request.display_name, vms.vm_dir, (_metric_state(state) for _, state in listed))
         needle = (filter_name or "").lower()
         rows: list[dict[str, Any]] = []
         for definition, state in listed:
@@ -89,3 +91,8 @@ async def list_vms(
         return message, data
 
     return await guarded(work(), base)
+
+
+def _metric_state(state: VMState) -> str:
+    """``stopped``, or QMP's word for a live VM: running, paused, unresponsive, ..."""
+    return (state.run_state or "running") if state.status == "running" else "stopped"
