@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import platform
+import secrets
+import shlex
 import shutil
 import signal
 import statistics
@@ -26,9 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncssh
+import httpx2 as httpx
 from mcp import Client
 from qemu.qmp import QMPClient
 
+from qemu_mcp_http.hosts.ssh import _SCAN_SCRIPT
+from qemu_mcp_http.vm.paths import DEFINITION_FILE, PID_FILE, RUNTIME_FILE
+from tests.sshd import SSHServer
+from tests.sshd import _free_port as sshd_free_port
 from tests.support import ServerProcess, free_port, kill_vms_under, open_tools
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -442,6 +450,145 @@ async def bench_monitor(b: Bench) -> None:
         b.stop_server()
 
 
+# -- 3. remote -----------------------------------------------------------------------------------
+
+
+def ssh_counters(srv: ServerProcess) -> dict[str, int]:
+    health = httpx.get(f"http://127.0.0.1:{srv.port}/healthz", timeout=5).json()
+    return {k: v for k, v in health["ssh"].items() if isinstance(v, int)}
+
+
+def counted(before: dict[str, int], after: dict[str, int], per: int = 1) -> dict[str, float]:
+    keys = ("round_trips", "sftp_requests", "exec_requests", "channels_opened", "connections_opened")
+    return {k: round((after.get(k, 0) - before.get(k, 0)) / per, 2) for k in keys}
+
+
+async def bench_remote(b: Bench) -> None:
+    """A real sshd on 127.0.0.2 (loopback): first call, warm pooled call, a new connection per call, round trips."""
+    print("== remote: list_vms over SSH (sshd on 127.0.0.2) vs local; round trips per call", flush=True)
+    reps = 10 if b.quick else 20
+    b.root.chmod(0o755)  # the SSH user lives below it
+    sshd_root = b.root / "sshd"
+    sshd_root.mkdir()
+    sshd_root.chmod(0o755)
+    sshd = SSHServer(sshd_root, "127.0.0.2", sshd_free_port("127.0.0.2"), password="Pw-" + secrets.token_urlsafe(12))
+    sshd.setup()
+    sshd.start()
+    env = {
+        "QEMU_MCP_ACCEL": "tcg",
+        "QEMU_MCP_LOG_LEVEL": "WARNING",
+        "QEMU_MCP_ALLOWED_ROOTS": str(b.root),
+        "QEMU_MCP_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
+        "QEMU_MCP_SSH_KEY_DIRS": str(sshd.key_dir),
+    }
+    remote = {
+        "host": sshd.address,
+        "ssh_port": sshd.port,
+        "ssh_user": sshd.user,
+        "ssh_key": str(sshd.key),
+        "vm_dir": str(sshd.vm_dir),
+    }
+    out: dict[str, Any] = {}
+    srv = ServerProcess(vm_dir=b.vm_dir, env=env)
+    try:
+        srv.start()
+        async with open_tools(srv.url) as tools:
+            c = tools.client
+            await ok(c, "list_vms")
+            began = time.perf_counter()
+            await ok(c, "list_vms", **remote)
+            first = time.perf_counter() - began
+            local_dir = b.root / "local10"
+            local_dir.mkdir()
+            here = {"vm_dir": str(local_dir)}
+            for i in range(10):  # 10 VMs, 1 running: the same shape on both sides
+                await ok(c, "manage_vm", name=f"r{i}", action="create", arch="x86_64", memory="64M", vcpus=1, **remote)
+                await ok(c, "manage_vm", name=f"l{i}", action="create", arch="x86_64", memory="64M", vcpus=1, **here)
+            await ok(c, "manage_vm", name="r0", action="start", **remote)
+            await ok(c, "manage_vm", name="l0", action="start", **here)
+            warm = summarize(await timed(reps, lambda: ok(c, "list_vms", **remote)))
+            local = summarize(await timed(reps, lambda: ok(c, "list_vms", **here)))
+            before = ssh_counters(srv)
+            await ok(c, "list_vms", **remote)
+            per_list = counted(before, ssh_counters(srv))
+            samples = 3
+            before = ssh_counters(srv)
+            await ok(c, "monitor_vm_status", name="r0", interval=1, count=samples, **remote)
+            per_sample = counted(before, ssh_counters(srv), per=samples)
+            await ok(c, "manage_vm", name="r0", action="stop", stop_timeout=0, **remote)
+            await ok(c, "manage_vm", name="l0", action="stop", stop_timeout=0, **here)
+        srv.stop()
+        # What a naive implementation pays: the same scan over a new SSH connection per call (no HTTP, no
+        # MCP: only the SSH part), next to the same scan over one connection kept open (the remote floor).
+        argv = ["sh", "-c", _SCAN_SCRIPT, "scan", str(sshd.vm_dir), PID_FILE, DEFINITION_FILE, RUNTIME_FILE, PID_FILE]
+        command = shlex.join(argv)
+        options = {
+            "port": sshd.port,
+            "username": sshd.user,
+            "client_keys": [str(sshd.key)],
+            "known_hosts": str(sshd.known_hosts),
+            "config": None,
+        }
+
+        async def new_connection_per_call() -> None:
+            async with asyncssh.connect(sshd.address, **options) as conn:
+                await conn.run(command, check=True)
+
+        naive = summarize(await timed(reps, new_connection_per_call))
+        async with asyncssh.connect(sshd.address, **options) as kept:
+            floor = summarize(await timed(reps, lambda: kept.run(command, check=True)))
+    finally:
+        srv.stop()
+        kill_vms_under(sshd.vm_dir)
+        sshd.stop()
+    ratio = warm["median_ms"] / local["median_ms"]
+    b.report.add("remote list_vms, first call (handshake)", f"{first * 1000:.1f} ms", "")
+    b.report.add(
+        "remote list_vms, warm via pool (10 VMs, 1 running)",
+        fmt(warm),
+        f"local {fmt(local)}; x{ratio:.2f}",
+    )
+    b.report.add(
+        "  the SSH part alone: new connection per call (naive)",
+        fmt(naive),
+        f"same scan on a kept connection {fmt(floor)}",
+    )
+    b.report.add(
+        "SSH round trips per remote list_vms",
+        f"{per_list['round_trips']:g}",
+        f"sftp requests {per_list['sftp_requests']:g}, exec {per_list['exec_requests']:g}",
+    )
+    b.report.add(
+        "SSH round trips per monitor sample",
+        f"{per_sample['round_trips']:g}",
+        f"sftp requests {per_sample['sftp_requests']:g}, exec {per_sample['exec_requests']:g}",
+    )
+    projections = {}
+    for rtt in (1, 20, 100):
+        projections[f"rtt_{rtt}ms"] = {
+            "list_vms_ms": round(warm["median_ms"] + per_list["round_trips"] * rtt, 1),
+            "monitor_sample_ms": round(per_sample["round_trips"] * rtt, 1),
+            "first_call_extra_ms": round(first * 1000 + 4 * rtt, 1),  # TCP + SSH key exchange + auth: ~4 RTTs
+        }
+        b.report.add(
+            f"projected at RTT {rtt} ms (round trips x RTT + loopback)",
+            f"list_vms {projections[f'rtt_{rtt}ms']['list_vms_ms']:.0f} ms",
+            f"per monitor sample +{per_sample['round_trips'] * rtt:.0f} ms",
+        )
+    out.update(
+        first_call_ms=round(first * 1000, 1),
+        warm=warm,
+        local=local,
+        warm_over_local=round(ratio, 2),
+        new_connection_per_call_ssh_only=naive,
+        kept_connection_ssh_only=floor,
+        round_trips_per_list_vms=per_list,
+        round_trips_per_monitor_sample=per_sample,
+        projections=projections,
+    )
+    b.report.data["remote"] = out
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -449,7 +596,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and VMs (a smoke run)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results.json"), help="where to write figures")
-    parser.add_argument("--sections", default="list,concurrency,start,monitor", help="comma-separated sections")
+    parser.add_argument("--sections", default="list,concurrency,start,monitor,remote", help="comma-separated sections")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
     if not shutil.which("qemu-system-x86_64"):
@@ -483,6 +630,8 @@ async def main(argv: list[str] | None = None) -> int:
                 await bench_monitor(bench)
         if "start" in sections:
             await bench_start(bench)
+        if "remote" in sections:
+            await bench_remote(bench)
     finally:
         bench.stop_server()
         kill_vms_under(root)
