@@ -259,9 +259,11 @@ class SSHHost(Host):
                             elif len(chunk) < READ_CHUNK and not p.startswith("/proc/"):
                                 del pending[p]  # a short read of a regular file is its end
             finally:
+                # Closed without waiting for the replies: the server handles requests in order, so later
+                # requests queue behind the closes, and the caller saves a round trip.
                 stats.sftp_requests += len(files)
-                stats.round_trips += 1
-                await asyncio.gather(*(f.close() for f in files.values()), return_exceptions=True)
+                if files:
+                    self.pool.track(asyncio.ensure_future(_close_all(list(files.values()))))
             return {p: bytes(data[p]) if p in data else None for p in unique}
 
         return await self._sftp_op("reading files", op, timeout)
@@ -462,6 +464,10 @@ def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles
     return {
         name: SubdirFiles({f: files.get(f) for f in filenames}, cmdlines.get(name)) for name, files in found.items()
     }
+
+
+async def _close_all(files: list[asyncssh.SFTPClientFile]) -> None:
+    await asyncio.gather(*(f.close() for f in files), return_exceptions=True)
 
 
 async def _open_or_none(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPClientFile | None:

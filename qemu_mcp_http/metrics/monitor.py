@@ -34,6 +34,15 @@ class MonitorRun:
     ended_by: str = "count"
 
 
+async def _host_clock(vms: VMManager, timeout: float) -> HostClock:
+    """The host's clock tick and CPU count, asked once per host for the server's life."""
+    key = ("clock", getattr(vms.host, "identity", vms.host.name))
+    clock = vms.shared.host_facts.get(key)
+    if not isinstance(clock, HostClock):
+        clock = vms.shared.host_facts[key] = await HostClock.of(vms.host, timeout)
+    return clock
+
+
 async def monitor_vm(
     vms: VMManager,
     name: str,
@@ -54,12 +63,14 @@ async def monitor_vm(
     if count < 0:
         raise InvalidInput("count", f"{count} must be >= 0 (0 samples until the client cancels)")
     settings = vms.settings
-    definition = await vms.store.load(name)
-    facts = (await vms.store.process_facts([name]))[name]
+    # Independent reads at once: over SSH each would otherwise add its round trips.
+    definition, all_facts, clock = await asyncio.gather(
+        vms.store.load(name), vms.store.process_facts([name]), _host_clock(vms, settings.command_timeout)
+    )
+    facts = all_facts[name]
     if not facts.alive or facts.pid is None:
         raise VMStateError(f"VM {name} is not running; only running VMs can be monitored (start it first)")
     paths = vms.store.paths(name)
-    clock = await HostClock.of(vms.host, settings.command_timeout)
     loop = asyncio.get_running_loop()
     async with vms.shared.qmp.session(vms.host, paths.qmp_socket, name, settings.qmp_timeout) as qmp:
         sampler = Sampler(vms.host, definition, paths, facts.pid, qmp, clock, chosen, agent_timeout=1.0)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +36,8 @@ BALLOON_PATH = "/machine/peripheral/balloon0"
 #: Retry a silent guest agent only every this many samples, in the background, so that a guest
 #: without one never delays a sample.
 AGENT_RETRY_EVERY = 10
+#: How long the first sample waits for the guest agent's first answer (it takes 5-100 ms when there is one).
+AGENT_PROBE_BUDGET = 0.3
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,9 @@ class HostClock:
 
     @classmethod
     async def of(cls, host: Host, timeout: float) -> HostClock:
-        tck = await host.run(["getconf", "CLK_TCK"], timeout=timeout)
-        cpus = await host.run(["nproc"], timeout=timeout)
+        tck, cpus = await asyncio.gather(
+            host.run(["getconf", "CLK_TCK"], timeout=timeout), host.run(["nproc"], timeout=timeout)
+        )
         return cls(clk_tck=int(tck.stdout.strip()), cpus=int(cpus.stdout.strip()))
 
 
@@ -85,20 +88,33 @@ class Sampler:
         self._vcpu_threads: list[tuple[int, int]] | None = None
 
     async def prepare(self, interval: float) -> None:
-        """Set up what the samples need; probes the guest agent before the schedule starts."""
-        if "network" in self.metrics and not await self._agent_answers():
-            self._agent_silent_since = 0
+        """Set up what the samples need, all at once.
+
+        The guest agent is probed too, but waited for only ``AGENT_PROBE_BUDGET``: an agent that
+        answers is used from the first sample on; a silent one (most guests have none) costs the
+        schedule nothing, and a late answer is picked up by a later sample.
+        """
+        steps: dict[str, Awaitable[Any]] = {}
         if "memory" in self.metrics:
-            try:
-                await self.qmp.execute(
-                    "qom-set",
-                    {"path": BALLOON_PATH, "property": "guest-stats-polling-interval", "value": max(1, int(interval))},
-                )
-            except QMPFailure as exc:
-                log.info("guest memory statistics unavailable for %s: %s", self.definition.name, exc)
+            steps["balloon"] = self._enable_balloon_stats(interval)
         if "cpu" in self.metrics:
-            cpus = await self.qmp.execute("query-cpus-fast")
-            self._vcpu_threads = [(int(c["cpu-index"]), int(c["thread-id"])) for c in cpus]
+            steps["cpus"] = self.qmp.execute("query-cpus-fast")
+        if "network" in self.metrics:
+            self._agent_probe = asyncio.create_task(self._agent_answers())
+            self._agent_silent_since = 0  # until the probe says otherwise
+            steps["agent"] = asyncio.wait([self._agent_probe], timeout=AGENT_PROBE_BUDGET)
+        done = await _all(steps)
+        if "cpus" in done:
+            self._vcpu_threads = [(int(c["cpu-index"]), int(c["thread-id"])) for c in done["cpus"]]
+
+    async def _enable_balloon_stats(self, interval: float) -> None:
+        try:
+            await self.qmp.execute(
+                "qom-set",
+                {"path": BALLOON_PATH, "property": "guest-stats-polling-interval", "value": max(1, int(interval))},
+            )
+        except QMPFailure as exc:
+            log.info("guest memory statistics unavailable for %s: %s", self.definition.name, exc)
 
     async def sample(self) -> dict[str, Any]:
         """One sample of the chosen metrics.
@@ -109,8 +125,18 @@ class Sampler:
         files = [f"/proc/{pid}/stat", f"/proc/{pid}/status", "/proc/uptime"]
         threads = self._vcpu_threads or []
         files += [f"/proc/{pid}/task/{tid}/stat" for _, tid in threads]
+        fetches: dict[str, Awaitable[Any]] = {"files": self.host.read_files(files, timeout=self.qmp.timeout)}
+        if "memory" in self.metrics:
+            fetches["memory"] = self._memory_fetch()
+        if "disk" in self.metrics:
+            fetches["disk"] = self._disk_fetch()
+        if "network" in self.metrics:
+            fetches["network"] = self._network_fetch()
         try:
-            raw = await self.host.read_files(files, timeout=self.qmp.timeout)
+            # Everything at once: over SSH the /proc reads, the QMP commands (pipelined on one
+            # connection) and the guest agent share their round trips instead of adding them up.
+            got = await _all(fetches)
+            raw = got["files"]
             counters: dict[str, Any] = {}
             if raw[files[0]] is None:
                 raise QMPUnavailable("process gone")
@@ -132,13 +158,11 @@ class Sampler:
             if "cpu" in self.metrics:
                 out["cpu"] = self._cpu(counters, prev, seconds)
             if "memory" in self.metrics:
-                out["memory"] = await self._memory(raw[files[1]])
+                out["memory"] = self._memory(raw[files[1]], got["memory"])
             if "disk" in self.metrics:
-                disk, counters["disk"] = await self._disk(prev, seconds)
-                out["disk"] = disk
+                out["disk"], counters["disk"] = self._disk(got["disk"], prev, seconds)
             if "network" in self.metrics:
-                net, counters["net"] = await self._network(prev, seconds)
-                out["network"] = net
+                out["network"], counters["net"] = self._network(got["network"], prev, seconds)
         except (QMPUnavailable, OperationTimeout) as exc:
             if isinstance(exc, OperationTimeout):
                 raise
@@ -173,21 +197,36 @@ class Sampler:
             "vcpus": vcpus,
         }
 
-    async def _memory(self, status: bytes | None) -> dict[str, Any]:
+    async def _memory_fetch(self) -> tuple[Any, Any]:
+        """``query-balloon`` (or why not) and the balloon's guest statistics, both at once."""
+
+        async def failure_as_value(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            try:
+                return await self.qmp.execute(command, arguments)
+            except QMPUnavailable:
+                raise
+            except QMPFailure as exc:
+                return exc
+
+        balloon, stats = await asyncio.gather(
+            failure_as_value("query-balloon"),
+            failure_as_value("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"}),
+        )
+        return balloon, stats
+
+    def _memory(self, status: bytes | None, fetched: tuple[Any, Any]) -> dict[str, Any]:
         rss = parse_status_rss_kib(status or b"")
         out: dict[str, Any] = {
             "configured_bytes": self.definition.memory_mib * MIB,
             "qemu_rss_bytes": rss * 1024 if rss is not None else None,
         }
-        try:
-            balloon = await self.qmp.execute("query-balloon")
-            out["balloon_actual_bytes"] = int(balloon["actual"])
-        except QMPFailure as exc:
+        balloon, stats = fetched
+        if isinstance(balloon, QMPFailure):
             out["balloon_actual_bytes"] = None
-            out["balloon_reason"] = str(exc)
-        try:
-            stats = await self.qmp.execute("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})
-        except QMPFailure:
+            out["balloon_reason"] = str(balloon)
+        else:
+            out["balloon_actual_bytes"] = int(balloon["actual"])
+        if isinstance(stats, QMPFailure):
             stats = {}
         values = (stats or {}).get("stats", {})
         total, free = values.get("stat-total-memory", -1), values.get("stat-free-memory", -1)
@@ -200,9 +239,15 @@ class Sampler:
             out["guest_reason"] = "the guest's balloon driver has not reported statistics"
         return out
 
-    async def _disk(self, prev: dict[str, Any] | None, seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
-        stats = blockstats_by_device(await self.qmp.execute("query-blockstats"))
-        sizes = block_sizes(await self.qmp.execute("query-block"))
+    async def _disk_fetch(self) -> tuple[Any, Any]:
+        stats, block = await asyncio.gather(self.qmp.execute("query-blockstats"), self.qmp.execute("query-block"))
+        return stats, block
+
+    def _disk(
+        self, fetched: tuple[Any, Any], prev: dict[str, Any] | None, seconds: float
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        stats = blockstats_by_device(fetched[0])
+        sizes = block_sizes(fetched[1])
         devices: dict[str, Any] = {}
         for name, now in stats.items():
             # Not a disk: an empty CD-ROM drive, an internal node, or arm64's UEFI code/variables flash.
@@ -235,26 +280,36 @@ class Sampler:
             return False
         return True
 
-    async def _network(self, prev: dict[str, Any] | None, seconds: float) -> tuple[dict[str, Any], Any]:
+    async def _network_fetch(self) -> tuple[str | None, Any]:
+        """The guest agent's interfaces, or ``(None, reason)`` when it does not answer (never waits on a
+        silent agent: that is probed in the background)."""
         reason = "user-mode networking has no host-side counters and the guest agent (qemu-guest-agent) did not answer"
         silent = self._agent_silent_since
         if silent is not None:
             probe = self._agent_probe
             if probe is not None and probe.done():
                 self._agent_probe = None
-                if not probe.cancelled() and probe.result():
+                if not probe.cancelled() and probe.exception() is None and probe.result():
                     self._agent_silent_since = silent = None  # it answers now: ask it below
             elif probe is None and (self._samples - silent) % AGENT_RETRY_EVERY == 0:
                 self._agent_probe = asyncio.create_task(self._agent_answers())
         if silent is not None:
-            return {"nic0": None, "source": None, "reason": reason}, None
+            return None, reason
         try:
             async with guest_agent(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
                 reply = await agent.execute("guest-network-get-interfaces")
         except QemuMcpError:
             self._agent_silent_since = self._samples
-            return {"nic0": None, "source": None, "reason": reason}, None
+            return None, reason
         self._agent_silent_since = None
+        return "guest-agent", reply
+
+    def _network(
+        self, fetched: tuple[str | None, Any], prev: dict[str, Any] | None, seconds: float
+    ) -> tuple[dict[str, Any], Any]:
+        source, reply = fetched
+        if source is None:
+            return {"nic0": None, "source": None, "reason": reply}, None
         now = guest_nic_stats(reply, self.definition.mac)
         if now is None:
             return {"nic0": None, "source": "guest-agent", "reason": "the guest agent reports no statistics"}, None
@@ -276,3 +331,16 @@ async def sleep_until(deadline: float) -> None:
     delay = deadline - asyncio.get_running_loop().time()
     if delay > 0:
         await asyncio.sleep(delay)
+
+
+async def _all(fetches: dict[str, Awaitable[Any]]) -> dict[str, Any]:
+    """Await every fetch at once; if one fails, cancel the others and raise its error."""
+    tasks = {key: asyncio.ensure_future(aw) for key, aw in fetches.items()}
+    try:
+        await asyncio.gather(*tasks.values())
+    except BaseException:
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        raise
+    return {key: task.result() for key, task in tasks.items()}
