@@ -21,6 +21,9 @@ __all__ = ["QMPPool", "QMPSession", "qmp_session"]
 
 log = logging.getLogger(__name__)
 
+#: A pooled QMP connection unused this long is closed (see :meth:`QMPPool._expire`).
+QMP_IDLE_SECONDS = 2.0
+
 
 class QMPSession:
     """An open QMP connection with bounded ``execute``."""
@@ -92,12 +95,17 @@ class QMPPool:
 
     QEMU's QMP socket serves one client at a time, so concurrent tool calls on one VM
     (list, monitor, start, ...) must share a connection; qemu.qmp multiplexes commands
-    on it.  A connection that QEMU closed (the VM stopped) is replaced on next use.
+    on it.  A connection that QEMU closed (the VM stopped) is replaced on next use, and
+    one left idle for ``idle_timeout`` is closed, so that other processes get their turn.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout: float = QMP_IDLE_SECONDS) -> None:
+        self.idle_timeout = idle_timeout
         self._clients: dict[tuple[str, str], QMPClient] = {}
         self._connecting: dict[tuple[str, str], asyncio.Lock] = {}
+        self._users: dict[tuple[str, str], int] = {}
+        self._idle: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def session(self, host: Host, socket_path: str, vm: str, timeout: float) -> AsyncIterator[QMPSession]:
@@ -111,19 +119,45 @@ class QMPPool:
                     await _close(client, vm, timeout)
                 client = await _connect(host, socket_path, vm, timeout)
                 self._clients[key] = client
+        self._users[key] = self._users.get(key, 0) + 1
+        if handle := self._idle.pop(key, None):
+            handle.cancel()
         try:
             yield QMPSession(client, vm, timeout)
         except QMPUnavailable:
             await self.forget(host, socket_path, timeout)
             raise
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+                if key in self._clients:
+                    self._idle[key] = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, key)
+
+    def _expire(self, key: tuple[str, str]) -> None:
+        """Close a connection nobody used for ``idle_timeout``: another process (a second server on the
+        same vm_dir, an operator's qmp-shell) can only reach the VM's QMP while we do not hold it."""
+        self._idle.pop(key, None)
+        client = None if self._users.get(key) else self._clients.pop(key, None)
+        if client is not None:
+            task = asyncio.ensure_future(_close(client, key[1], 2.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def forget(self, host: Host, socket_path: str, timeout: float = 1.0) -> None:
         """Drop the connection to ``socket_path`` (its VM stopped or is being restarted)."""
-        client = self._clients.pop((getattr(host, "identity", host.name), socket_path), None)
+        key = (getattr(host, "identity", host.name), socket_path)
+        if handle := self._idle.pop(key, None):
+            handle.cancel()
+        client = self._clients.pop(key, None)
         if client is not None:
             await _close(client, socket_path, timeout)
 
     async def aclose(self) -> None:
+        for handle in self._idle.values():
+            handle.cancel()
+        self._idle.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await _close(client, "(shutdown)", 2.0)

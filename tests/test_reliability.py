@@ -326,3 +326,28 @@ async def test_monitor_cut_by_server_restart(workdir: Path) -> None:
     finally:
         srv.stop()
         kill_vms_under(vm_dir)
+
+
+async def test_two_servers_share_a_vm_dir(workdir: Path) -> None:
+    """QEMU serves one QMP client at a time: a server lets go of an idle QMP connection, so that a
+    second server on the same vm_dir sees the VM running, not unresponsive."""
+    vm_dir = workdir / "shared-vms"
+    vm_dir.mkdir()
+    first = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
+    second = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
+    first.start()
+    second.start()
+    try:
+        async with open_tools(first.url) as a, open_tools(second.url) as b:
+            await make_running(a, "shared")
+            await asyncio.sleep(2.5)  # past the first server's QMP idle time
+            vm = (await b.ok("list_vms"))["data"]["vms"][0]
+            assert (vm["status"], vm["run_state"]) == ("running", "running"), vm
+            await asyncio.sleep(2.5)
+            stopped = await a.ok("manage_vm", name="shared", action="stop", stop_timeout=1)
+            assert stopped["data"]["details"]["stopped_by"] in ("quit", "acpi"), stopped  # QMP answered
+            assert (await b.ok("list_vms"))["data"]["vms"][0]["status"] == "stopped"
+    finally:
+        first.stop()
+        second.stop()
+        kill_vms_under(vm_dir)
