@@ -66,6 +66,8 @@ class SharedState:
     monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
     qmp: QMPPool = field(default_factory=QMPPool)
     shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
+    #: Facts of a host that do not change while the server runs (clock tick, CPU count), by host identity.
+    host_facts: dict[tuple[str, str], object] = field(default_factory=dict)
 
     async def aclose(self) -> None:
         """Close the shared QMP connections (the VMs keep running)."""
