@@ -33,6 +33,8 @@ class NamedHost:
     port: int = 22
     key: str | None = None
     known_hosts: str | None = None
+    #: Remote directories vm_dir, disk and iso must lie under (resolved on the host); empty: the account's rights.
+    allowed_roots: tuple[str, ...] = ()
 
 
 def load_named_hosts(path: str) -> dict[str, NamedHost]:
@@ -50,11 +52,12 @@ def load_named_hosts(path: str) -> dict[str, NamedHost]:
     if not isinstance(raw, dict):
         raise ValueError(f"ssh_hosts_file {path}: expected an object of named hosts")
     hosts: dict[str, NamedHost] = {}
-    allowed = {"address", "port", "user", "key", "known_hosts"}
+    allowed = {"address", "port", "user", "key", "known_hosts", "allowed_roots"}
     for name, entry in raw.items():
         if not isinstance(entry, dict) or not {"address", "user"} <= entry.keys() or not entry.keys() <= allowed:
             raise ValueError(
-                f"ssh_hosts_file {path}: host {name!r} needs address and user, and may have port, key, known_hosts"
+                f"ssh_hosts_file {path}: host {name!r} needs address and user, "
+                "and may have port, key, known_hosts, allowed_roots"
             )
         try:
             hosts[str(name)] = NamedHost(
@@ -63,10 +66,17 @@ def load_named_hosts(path: str) -> dict[str, NamedHost]:
                 port=int(entry.get("port", 22)),
                 key=str(entry["key"]) if entry.get("key") else None,
                 known_hosts=str(entry["known_hosts"]) if entry.get("known_hosts") else None,
+                allowed_roots=_roots(entry.get("allowed_roots", [])),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"ssh_hosts_file {path}: host {name!r}: {exc}") from exc
     return hosts
+
+
+def _roots(raw: object) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not all(isinstance(r, str) and r.startswith("/") for r in raw):
+        raise ValueError("allowed_roots must be a list of absolute paths")
+    return tuple(raw)
 
 
 @dataclass(frozen=True)

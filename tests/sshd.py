@@ -256,7 +256,18 @@ def remote_server_fixture(sshd: SSHServer) -> Iterator[ServerProcess]:
     local_vms.mkdir()
     named = sshd.root / "hosts.json"
     named.write_text(
-        json.dumps({"lab": {"address": sshd.address, "port": sshd.port, "user": sshd.user, "key": str(sshd.key)}})
+        json.dumps(
+            {
+                "lab": {"address": sshd.address, "port": sshd.port, "user": sshd.user, "key": str(sshd.key)},
+                "fenced": {
+                    "address": sshd.address,
+                    "port": sshd.port,
+                    "user": sshd.user,
+                    "key": str(sshd.key),
+                    "allowed_roots": [str(sshd.vm_dir)],
+                },
+            }
+        )
     )
     srv = ServerProcess(
         vm_dir=local_vms,

@@ -219,7 +219,7 @@ async def test_named_host(rtools: ToolClient, remote_server: ServerProcess, sshd
     """A host named in the server's settings needs no credentials from the client; arguments override."""
     listed = await rtools.ok("list_vms", host="lab", vm_dir=str(sshd.vm_dir))
     assert listed["data"]["host"] == "lab" and listed["message"].endswith("on lab")
-    assert ssh_health(remote_server)["named_hosts"] == ["lab"]
+    assert ssh_health(remote_server)["named_hosts"] == ["fenced", "lab"]
     other_user = await rtools.fails("list_vms", host="lab", ssh_user="nobody", vm_dir=str(sshd.vm_dir))
     assert other_user["data"]["error"] == "HostAuthFailed" and "as nobody" in other_user["message"]
     with_pwd = await rtools.ok("list_vms", host="lab", ssh_pwd=sshd.password, vm_dir=str(sshd.vm_dir))
@@ -235,3 +235,26 @@ async def test_password_never_in_the_log(rtools: ToolClient, remote_server: Serv
     text = remote_server.log_text()
     assert "SSH connection to" in text and "DEBUG" in text  # the log did record SSH activity in detail
     assert sshd.password not in text and wrong not in text
+
+
+async def test_named_host_allowed_roots(rtools: ToolClient, sshd: SSHServer) -> None:
+    """A named host's allowed_roots fence vm_dir, disk and iso, resolved on the remote host itself."""
+    inside = str(sshd.vm_dir)
+    assert (await rtools.ok("list_vms", host="fenced", vm_dir=inside))["data"]["host"] == "fenced"
+    escape = sshd.vm_dir / "escape"
+    escape.symlink_to("/var")
+    try:
+        for bad in ("/tmp", f"{inside}/../keys", str(escape)):
+            refused = await rtools.fails("list_vms", host="fenced", vm_dir=bad)
+            assert (
+                refused["data"]["error"] == "InvalidInput" and "outside the directories allowed" in refused["message"]
+            )
+        disk = await rtools.fails(
+            "manage_vm", host="fenced", vm_dir=inside, name="f1", action="create", arch="x86_64",
+            disk="path=/tmp/f1.qcow2,size=16M",
+        )  # fmt: skip
+        assert "disk" in disk["message"] and not (sshd.vm_dir / "f1").exists()
+        # The same host reached without the name has no fence: the account's rights are the boundary.
+        assert (await rtools.ok("list_vms", **{**key_args(sshd), "vm_dir": "/tmp"}))["success"]
+    finally:
+        escape.unlink()

@@ -12,7 +12,8 @@ from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
 from ..context import AppContext, HostRequest
-from ..errors import QemuMcpError
+from ..errors import InvalidInput, QemuMcpError
+from ..hosts.base import Host
 from ..security import PathPolicy
 from ..vm.spec import parse_disk, validate_path
 
@@ -26,6 +27,7 @@ __all__ = [
     "VmDirArg",
     "app_context",
     "check_paths",
+    "check_remote_roots",
     "envelope",
     "guarded",
 ]
@@ -111,3 +113,33 @@ def check_paths(
         policy.check_disk(disk_path)
     if iso is not None:
         policy.check_iso(validate_path(iso, "iso"))
+
+
+async def check_remote_roots(
+    app: AppContext,
+    request: HostRequest,
+    target: Host,
+    vm_dir: str | None,
+    disk: str | None = None,
+    iso: str | None = None,
+) -> None:
+    """On a named host with ``allowed_roots``, refuse paths that resolve (on that host) outside them."""
+    entry = None if request.is_local else app.named_hosts.get((request.host or "").strip())
+    if entry is None or not entry.allowed_roots:
+        return
+    wanted = {"vm_dir": validate_path(vm_dir or app.settings.vm_dir, "vm_dir")}
+    if disk and (disk_path := parse_disk(disk, max_disk_bytes=1 << 62).path):
+        wanted["disk"] = disk_path
+    if iso:
+        wanted["iso"] = validate_path(iso, "iso")
+    # One command resolves the roots and the paths alike (symlinks, ..), as the host sees them.
+    argv = ["realpath", "-m", "--", *entry.allowed_roots, *wanted.values()]
+    resolved = (await target.run(argv, timeout=app.settings.command_timeout)).stdout.splitlines()
+    roots, paths = resolved[: len(entry.allowed_roots)], resolved[len(entry.allowed_roots) :]
+    for (field_name, given), real in zip(wanted.items(), paths, strict=True):
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
+            raise InvalidInput(
+                field_name,
+                f"{given} is outside the directories allowed on {request.host} "
+                f"({', '.join(entry.allowed_roots)}); use a path under one of them",
+            )

@@ -21,6 +21,7 @@ from ._common import (
     VmDirArg,
     app_context,
     check_paths,
+    check_remote_roots,
     guarded,
 )
 
@@ -62,6 +63,7 @@ async def list_vms(
         wanted_arch = parse_arch(arch) if arch else None
         check_paths(app, request, vm_dir)
         async with app.host(request) as target:
+            await check_remote_roots(app, request, target, vm_dir)
             vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
             listed, problems = await vms.list()
         # Every VM of the directory, before the filters: the metric is the directory's state, not this answer.

@@ -21,6 +21,7 @@ from ._common import (
     VmDirArg,
     app_context,
     check_paths,
+    check_remote_roots,
     guarded,
 )
 
@@ -75,6 +76,7 @@ async def manage_vm(
     async def work() -> tuple[str, dict[str, Any]]:
         check_paths(app, request, vm_dir, disk, iso)
         async with app.host(request) as target:
+            await check_remote_roots(app, request, target, vm_dir, disk, iso)
             vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
             if action == "create":
                 details = await vms.create(name, arch, memory, vcpus, disk, iso)

@@ -24,6 +24,7 @@ from ._common import (
     VmDirArg,
     app_context,
     check_paths,
+    check_remote_roots,
     guarded,
 )
 
@@ -80,6 +81,7 @@ async def monitor_vm_status(
             client, settings.max_monitor_streams_per_client, settings.max_monitor_streams
         ):
             async with app.host(request) as target:
+                await check_remote_roots(app, request, target, vm_dir)
                 vms = VMManager(target, vm_dir or settings.vm_dir, settings, app.shared)
                 try:
                     # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
