@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from types import FrameType
@@ -28,6 +30,7 @@ from . import __version__
 from .check import run_checks
 from .config import Settings, is_loopback, parse_invocation
 from .context import AppContext
+from .errors import QemuMcpError
 from .observability import CONTENT_TYPE, CallRecord, Metrics, configure_logging, tool_call
 from .security import (
     SCOPE,
@@ -190,9 +193,17 @@ def build_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         app_context.shared.shutdown.bind(asyncio.get_running_loop())
-        async with mcp.session_manager.run():
-            log.info("qemu-mcp-http %s serving on http://%s:%d/mcp", __version__, settings.host, settings.port)
-            yield
+        # With accel=auto, learn at once whether KVM really runs guests here, so that /healthz and the
+        # log say so before the first VM starts (which would otherwise wait for the probe).
+        probe = asyncio.create_task(_probe_local_accel(app_context)) if settings.accel == "auto" else None
+        try:
+            async with mcp.session_manager.run():
+                log.info("qemu-mcp-http %s serving on http://%s:%d/mcp", __version__, settings.host, settings.port)
+                yield
+        finally:
+            if probe is not None:
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -243,6 +254,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it has handled gracefully
         _Server(config, on_exit=app.state.shutdown.trigger).run()
     return 0
+
+
+async def _probe_local_accel(app_context: AppContext) -> None:
+    arch = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine())
+    if arch is None:
+        return
+    try:
+        await app_context.shared.accel_probe.choose(
+            app_context.local, arch, app_context.settings, tempfile.gettempdir()
+        )
+    except QemuMcpError as exc:
+        log.warning("accelerator probe failed: %s", exc.message)
 
 
 class _Server(uvicorn.Server):

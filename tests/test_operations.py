@@ -220,3 +220,22 @@ def test_check_fails_without_qemu(workdir: Path) -> None:
     assert proc.stdout.splitlines()[-1].startswith("NOT usable")
     bad = run_cli("--check", env={"QEMU_MCP_PORT": "eighty"})
     assert bad.returncode == 1 and "fail configuration: QEMU_MCP_PORT" in bad.stdout
+
+
+async def test_healthz_tells_the_accelerator_from_startup(server: ServerProcess) -> None:
+    """With accel=auto the server probes at start: /healthz says which accelerator guests get, and why."""
+
+    def accel() -> dict[str, str]:
+        found: dict[str, str] = httpx.get(server.url.replace("/mcp", "/healthz"), timeout=5).json()["accel"]
+        return found
+
+    if os.environ.get("QEMU_MCP_TEST_ACCEL", "auto") != "auto":
+        pytest.skip("the session server does not run with accel=auto")
+    for _ in range(300):  # the probe boots a tiny guest under each accelerator: a few seconds at most
+        if accel():
+            break
+        await asyncio.sleep(0.1)
+    decided = accel()
+    assert list(decided) == ["localhost/x86_64"], decided
+    assert decided["localhost/x86_64"].startswith(("kvm (", "tcg (")), decided
+    assert "accelerator for x86_64 guests on localhost" in server.log_text()
