@@ -236,6 +236,6 @@ async def test_healthz_tells_the_accelerator_from_startup(server: ServerProcess)
             break
         await asyncio.sleep(0.1)
     decided = accel()
-    assert list(decided) == ["localhost/x86_64"], decided
+    assert "localhost/x86_64" in decided, decided  # (arm64 too, once a test started an arm64 guest)
     assert decided["localhost/x86_64"].startswith(("kvm (", "tcg (")), decided
     assert "accelerator for x86_64 guests on localhost" in server.log_text()
