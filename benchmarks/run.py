@@ -34,7 +34,7 @@ import httpx2 as httpx
 from mcp import Client
 from qemu.qmp import QMPClient
 
-from qemu_mcp_http.hosts.ssh import _SCAN_SCRIPT
+from qemu_mcp_http.hosts.ssh import scan_argv
 from qemu_mcp_http.vm.paths import DEFINITION_FILE, PID_FILE, RUNTIME_FILE
 from tests.sshd import SSHServer
 from tests.sshd import _free_port as sshd_free_port
@@ -611,7 +611,7 @@ async def bench_remote(b: Bench) -> None:
         srv.stop()
         # What a naive implementation pays: the same scan over a new SSH connection per call (no HTTP, no
         # MCP: only the SSH part), next to the same scan over one connection kept open (the remote floor).
-        argv = ["sh", "-c", _SCAN_SCRIPT, "scan", str(sshd.vm_dir), PID_FILE, DEFINITION_FILE, RUNTIME_FILE, PID_FILE]
+        argv = scan_argv(str(sshd.vm_dir), [DEFINITION_FILE, RUNTIME_FILE, PID_FILE], PID_FILE)
         command = shlex.join(argv)
         options = {
             "port": sshd.port,

@@ -143,10 +143,11 @@ class SSHServer:
             # make usermod refuse (exit 8); none of them is wanted now.
             subprocess.run(["pkill", "-KILL", "-u", self.user], check=False)
             for _ in range(50):
-                if subprocess.run(["usermod", "-d", str(home), "-s", "/bin/sh", self.user]).returncode != 8:
+                done = subprocess.run(["usermod", "-d", str(home), "-s", "/bin/sh", self.user], check=False)
+                if done.returncode != 8:  # 8: the user still has processes (being reaped)
+                    done.check_returncode()
                     break
                 time.sleep(0.1)
-            _run("usermod", "-d", str(home), "-s", "/bin/sh", self.user)
         _run("chpasswd", stdin=f"{self.user}:{self.password}\n")
         shutil.chown(home, self.user, self.user)
         shutil.chown(self.vm_dir, self.user, self.user)

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["CommandResult", "FileStat", "Host", "SubdirFiles"]
+__all__ = ["CommandResult", "FileStat", "Host", "SubdirFiles", "parse_pid"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Host(abc.ABC):
             st = await self.stat(f"{directory}/{n}", timeout=timeout)
             if st is None or not st.is_dir:
                 del found[n]
-        pids = {n: _pid(files.get(pidfile)) for n, files in found.items()}
+        pids = {n: parse_pid(files.get(pidfile)) for n, files in found.items()}
         procs = {n: f"/proc/{pid}/cmdline" for n, pid in pids.items() if pid is not None}
         cmdlines = await self.read_files(list(procs.values()), timeout=timeout) if procs else {}
         return {
@@ -150,9 +150,12 @@ class Host(abc.ABC):
         await self.aclose()
 
 
-def _pid(raw: bytes | None) -> int | None:
+def parse_pid(raw: bytes | None) -> int | None:
+    """The pid in a pid file's content, or ``None`` when there is none."""
+    if raw is None:
+        return None
     try:
-        pid = int(raw.decode().strip()) if raw is not None else 0
+        pid = int(raw.decode().strip())
     except ValueError:
         return None
     return pid if pid > 0 else None

@@ -326,7 +326,7 @@ class SSHHost(Host):
     ) -> dict[str, SubdirFiles]:
         # One exec instead of a listing and three batches of SFTP reads (13 round trips -> 3).
         wanted = list(dict.fromkeys([*filenames, pidfile]))
-        argv = ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, *wanted]
+        argv = scan_argv(directory, wanted, pidfile)
 
         async def scan() -> dict[str, SubdirFiles]:
             for _ in range(3):
@@ -420,6 +420,11 @@ class SSHHost(Host):
 
 class ScanChanged(Exception):
     """A file changed between the sizes and the contents of a scan; scanning again settles it."""
+
+
+def scan_argv(directory: str, filenames: Sequence[str], pidfile: str) -> list[str]:
+    """The command of a directory scan; its output is read by :func:`parse_scan`."""
+    return ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, *filenames]
 
 
 def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles]:

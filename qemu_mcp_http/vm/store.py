@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VMNotFound
-from ..hosts.base import Host
+from ..hosts.base import Host, parse_pid
 from .paths import DEFINITION_FILE, PID_FILE, RUNTIME_FILE, VMPaths
 from .spec import VMDefinition
 
@@ -25,16 +25,6 @@ class ProcessFacts:
     pid: int | None
     alive: bool
     runtime: Mapping[str, Any]
-
-
-def parse_pid(raw: bytes | None) -> int | None:
-    if raw is None:
-        return None
-    try:
-        pid = int(raw.decode().strip())
-    except ValueError:
-        return None
-    return pid if pid > 0 else None
 
 
 def process_matches(cmdline: bytes | None, paths: VMPaths) -> bool:
