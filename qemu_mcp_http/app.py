@@ -65,6 +65,10 @@ class QemuMCPServer(MCPServer[AppContext]):
         # A name the server does not know is not a label: clients must not grow the metrics at will.
         tool = name if name in self.tool_names else "unknown"
         with tool_call(self.metrics, call_record(tool, arguments, context)) as record:
+            refused = self.refuse_unknown(name, arguments)
+            if refused is not None:
+                settle(record, refused)
+                return refused
             try:
                 result = await super().call_tool(name, arguments, context)
             except ToolError as exc:
@@ -74,6 +78,28 @@ class QemuMCPServer(MCPServer[AppContext]):
             if isinstance(result, CallToolResult):
                 settle(record, result)
             return result
+
+    def refuse_unknown(self, name: str, arguments: dict[str, Any]) -> CallToolResult | None:
+        """The envelope for a tool this server does not have, or arguments a tool does not take (a misspelled
+        ``memroy`` must not silently create a VM with the default memory); ``None`` when the call is fine."""
+        tool = self._tool_manager.get_tool(name)
+        data: dict[str, Any] = {"host": str(arguments.get("host") or "localhost"), "error": "InvalidInput"}
+        if tool is None:
+            known = ", ".join(sorted(self.tool_names))
+            return envelope(False, f"Unknown tool {printable(name)!r}; this server's tools are: {known}", data)
+        accepted = tool.parameters.get("properties", {})
+        unknown = sorted(key for key in arguments if key not in accepted)
+        if not unknown:
+            return None
+        if isinstance(arguments.get("name"), str):
+            data["vm_name"] = arguments["name"]
+        listed = ", ".join(repr(printable(key, 40)) for key in unknown[:10])
+        return envelope(
+            False,
+            f"Unknown argument{'s' if len(unknown) != 1 else ''} {listed} for {name}; "
+            f"it accepts: {', '.join(accepted)}",
+            data,
+        )
 
 
 def call_record(name: str, arguments: dict[str, Any], context: Context[Any, Any] | None) -> CallRecord:
@@ -157,6 +183,9 @@ def build_mcp(app_context: AppContext, tokens: dict[str, str] | None = None) -> 
     for module in (manage_vm, list_vms, monitor_vm_status):
         names.append(module.__name__.rsplit(".", 1)[1])
         server.add_tool(getattr(module, names[-1]), description=module.DESCRIPTION, annotations=module.ANNOTATIONS)
+        tool = server._tool_manager.get_tool(names[-1])
+        assert tool is not None
+        tool.parameters["additionalProperties"] = False  # clients learn before calling that extras are refused
     server.metrics = app_context.metrics
     server.tool_names = frozenset(names)
     return server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -59,9 +60,11 @@ class Settings:
     command_timeout: float = field(default=60.0, metadata={"help": "timeout of one host command (qemu-img, ...)"})
     start_timeout: float = field(default=30.0, metadata={"help": "time QEMU may take to start and answer QMP"})
     stop_timeout: float = field(default=30.0, metadata={"help": "default wait for a graceful ACPI shutdown"})
+    max_stop_timeout: float = field(default=600.0, metadata={"help": "largest stop_timeout a call may ask"})
     kvm_probe_timeout: float = field(default=5.0, metadata={"help": "time the KVM probe may take"})
     lock_timeout: float = field(
-        default=90.0, metadata={"help": "wait for another server process's operation on the same VM"}
+        default=90.0,
+        metadata={"help": "longest wait for another operation on the same VM (this server's or another process's)"},
     )
     # Limits per VM, so that one call cannot exhaust the host.
     max_memory_mib: int = field(default=262144, metadata={"help": "largest memory of a VM, MiB"})
@@ -125,6 +128,13 @@ class Settings:
         default=("~/.ssh",),
         metadata={"help": "directories an ssh_key path must lie under"},
     )
+    allow_client_ssh_keys: bool = field(
+        default=False,
+        metadata={
+            "help": "DANGEROUS: let clients use the server's SSH keys (under --ssh-key-dirs) for any host, not only "
+            "for named hosts; a key that opens this machine then bypasses --allowed-roots"
+        },
+    )
     max_request_bytes: int = field(default=1 << 20, metadata={"help": "largest HTTP request body"})
     max_monitor_streams_per_client: int = field(
         default=4,
@@ -143,8 +153,8 @@ class Settings:
             choices = _choices(f.type)
             if choices and value not in choices:
                 problems.append(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
-            elif isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
-                problems.append(f"{f.name} must be > 0 (got {value!r})")
+            elif isinstance(value, int | float) and not isinstance(value, bool) and not 0 < value < math.inf:
+                problems.append(f"{f.name} must be a finite number > 0 (got {value!r})")
         if not 0 < self.port < 65536:
             problems.append(f"port must be 1..65535 (got {self.port})")
         if not os.path.isabs(self.vm_dir):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Settings
 from .errors import InvalidInput
@@ -16,12 +18,20 @@ from .hosts.local import LocalHost
 from .hosts.pool import PoolLimits, SSHPool, SSHTarget
 from .hosts.ssh import SSHHost
 from .observability import Metrics
+from .security import check_ssh_key
 from .version import __version__
-from .vm.lifecycle import SharedState
+from .vm.fence import Fence, FenceRules
+from .vm.lifecycle import SharedState, VMManager
+from .vm.spec import validate_path
 
 __all__ = ["AppContext", "HostRequest", "LOCAL_NAMES", "NamedHost", "load_named_hosts"]
 
 LOCAL_NAMES = ("", "localhost")
+#: How long a shutdown waits for state-changing operations under way (a stop may wait for a guest).
+OPERATIONS_GRACE_S = 60.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,8 @@ class AppContext:
     ssh: SSHPool = field(init=False)
     named_hosts: dict[str, NamedHost] = field(init=False)
     metrics: Metrics = field(init=False)
+    #: State-changing calls run to their end in these tasks, even when their client goes away.
+    operations: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
@@ -166,8 +178,23 @@ class AppContext:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close what the server holds (SSH pool, ...); running VMs are left running."""
+        """Let operations under way finish (bounded), then close what the server holds (SSH pool, ...);
+        running VMs are left running."""
+        if self.operations:
+            pending = list(self.operations)
+            log.info("waiting up to %g s for %d operation(s) under way", OPERATIONS_GRACE_S, len(pending))
+            _, late = await asyncio.wait(pending, timeout=OPERATIONS_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         await self.ssh.aclose()
+
+    def detach(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` in a task of the server's: cancelling the caller does not cancel it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.operations.add(task)
+        task.add_done_callback(self.operations.discard)
+        return task
 
     def health(self) -> dict[str, Any]:
         return {
@@ -181,10 +208,56 @@ class AppContext:
 
     @asynccontextmanager
     async def host(self, request: HostRequest) -> AsyncIterator[Host]:
-        """The host a call targets: the local machine, or a pooled SSH connection."""
+        """The host a call targets: the local machine, or a pooled SSH connection.
+
+        :raise InvalidInput: the host arguments are malformed, or ``ssh_key`` is not a key clients may use.
+        """
         if request.is_local:
             yield self.local
             return
+        if request.ssh_key:
+            self._check_client_key(request)
         target = request.ssh_target(self.named_hosts)
         async with self.ssh.use(target):
             yield SSHHost(self.ssh, target)
+
+    def _check_client_key(self, request: HostRequest) -> None:
+        """A key is a file of this server: it must lie under ``--ssh-key-dirs``, and it is the operator's
+        credential, so by default it opens only the named hosts (which carry their own ``allowed_roots``)."""
+        key = request.ssh_key or ""
+        check_ssh_key(self.settings, key)
+        if (request.host or "").strip() not in self.named_hosts and not self.settings.allow_client_ssh_keys:
+            raise InvalidInput(
+                "ssh_key",
+                f"the server's SSH keys may only be used for the named hosts of its hosts file "
+                f"({', '.join(sorted(self.named_hosts)) or 'none configured'}); log in to {request.host} with "
+                "ssh_pwd, use a named host, or ask the operator to set --allow-client-ssh-keys",
+            )
+
+    def fence_rules(self, request: HostRequest) -> FenceRules:
+        """The roots paths of a call may use on its host (see :mod:`.vm.fence`)."""
+        if request.is_local:
+            s = self.settings
+            roots = tuple(os.path.expanduser(r) for r in (s.allowed_roots or (s.vm_dir,)))
+            return FenceRules(roots=roots, iso_roots=tuple(os.path.expanduser(r) for r in s.iso_dirs))
+        name = (request.host or "").strip()
+        entry = self.named_hosts.get(name)
+        if entry is not None and entry.allowed_roots:
+            return FenceRules(roots=entry.allowed_roots, source=name)
+        return FenceRules(roots=None, source=request.display_name)
+
+    @asynccontextmanager
+    async def vms(self, request: HostRequest, vm_dir: str | None) -> AsyncIterator[VMManager]:
+        """The VMs of ``vm_dir`` (default: the server's) on the call's host, the vm_dir checked against the
+        host's roots (resolved there); every further path is checked by the manager as it uses it.
+
+        :raise InvalidInput: bad host arguments, or a vm_dir outside the roots.
+        :raise HostError: the host cannot be reached.
+        """
+        directory = validate_path(vm_dir or self.settings.vm_dir, "vm_dir")
+        async with self.host(request) as host:
+            fence = Fence(host, self.fence_rules(request), self.settings.command_timeout)
+            if fence.rules.roots is not None:
+                real = (await fence.resolve([directory]))[0]
+                fence.check_roots("vm_dir", directory, real, "vm_dir")
+            yield VMManager(host, directory, self.settings, self.shared, fence)

@@ -30,6 +30,7 @@ Tree::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "CommandFailed",
@@ -53,11 +54,16 @@ __all__ = [
 
 
 class QemuMcpError(Exception):
-    """Root of every deliberate error; ``message`` is client-safe."""
+    """Root of every deliberate error; ``message`` is client-safe.
 
-    def __init__(self, message: str) -> None:
+    ``details`` (client-safe too) go to the answer's ``data.details``: what was done before the failure,
+    what was rolled back, the last lines of a console.
+    """
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details
 
 
 class InvalidInput(QemuMcpError):

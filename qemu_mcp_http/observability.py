@@ -161,6 +161,8 @@ def tool_call(metrics: Metrics, record: CallRecord) -> Iterator[CallRecord]:
 # -- metrics --------------------------------------------------------------------------------------
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: vm_dirs with a ``qemu_mcp_vms`` series at most (each has a few states).
+MAX_VM_DIR_SERIES = 64
 
 #: Seconds: a list takes milliseconds, a start waits for QMP, a monitor stream may run for hours.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -249,11 +251,21 @@ class Metrics:
         self.tool_duration.labels(tool=tool).observe(seconds)
 
     def record_vms(self, host: str, vm_dir: str, states: Iterable[str]) -> None:
-        """What a list_vms saw in ``vm_dir``: replaces what was known of it (VMs gone are no longer counted)."""
+        """What a list_vms saw in ``vm_dir``: replaces what was known of it (VMs gone are no longer counted).
+
+        Clients choose vm_dirs, so the label set is bounded: a vm_dir without VMs is dropped, and beyond
+        ``MAX_VM_DIR_SERIES`` vm_dirs the least recently listed one makes room.
+        """
         counts = {"running": 0, "stopped": 0}
         for state in states:
             counts[state] = counts.get(state, 0) + 1
-        self._sources.vms[(host, vm_dir)] = counts
+        known = self._sources.vms
+        known.pop((host, vm_dir), None)  # re-inserted last: the dict's order is the order of use
+        if sum(counts.values()) == 0:
+            return
+        known[(host, vm_dir)] = counts
+        while len(known) > MAX_VM_DIR_SERIES:
+            del known[next(iter(known))]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

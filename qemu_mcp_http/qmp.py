@@ -60,6 +60,10 @@ class QMPSession:
         return self._client.runstate == Runstate.RUNNING
 
 
+class _Refused(QMPUnavailable):
+    """The socket answered, but no QMP session came of it (a hung or stopped QEMU)."""
+
+
 async def _connect(host: Host, socket_path: str, vm: str, timeout: float) -> QMPClient:
     """A connected QMPClient on the socket of ``vm``.
 
@@ -67,7 +71,9 @@ async def _connect(host: Host, socket_path: str, vm: str, timeout: float) -> QMP
     :raise OperationTimeout: the greeting or capabilities negotiation hung.
     """
     sock = await host.open_unix_socket(socket_path, timeout=timeout)
+    # qemu.qmp logs its own failures at ERROR; they are ours to report (see QMPPool._note), once per VM.
     client = QMPClient(vm)
+    client.logger.setLevel(logging.CRITICAL)
     # We never read events; the default listener would otherwise keep every event for the client's life.
     client.events.event_filter = lambda _event: False
     try:
@@ -78,7 +84,7 @@ async def _connect(host: Host, socket_path: str, vm: str, timeout: float) -> QMP
         if isinstance(exc, TimeoutError):
             raise OperationTimeout(f"QMP of VM {vm} did not greet within {timeout:g} s (is QEMU hung?)") from exc
         if isinstance(exc, QMPError | OSError):
-            raise QMPUnavailable(f"QMP of VM {vm} refused the session: {exc}") from exc
+            raise _Refused(f"QMP of VM {vm} refused the session: {exc}") from exc
         raise
     return client
 
@@ -106,10 +112,12 @@ class QMPPool:
         self._users: dict[tuple[str, str], int] = {}
         self._idle: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        #: Sockets whose QEMU answered but gave no session: warned once, until it answers again.
+        self._failing: set[tuple[str, str]] = set()
 
     @contextlib.asynccontextmanager
     async def session(self, host: Host, socket_path: str, vm: str, timeout: float) -> AsyncIterator[QMPSession]:
-        key = (getattr(host, "identity", host.name), socket_path)
+        key = (host.identity, socket_path)
         lock = self._connecting.setdefault(key, asyncio.Lock())
         async with lock:
             client = self._clients.get(key)
@@ -117,7 +125,16 @@ class QMPPool:
                 if client is not None:
                     self._clients.pop(key, None)
                     await _close(client, vm, timeout)
-                client = await _connect(host, socket_path, vm, timeout)
+                try:
+                    client = await _connect(host, socket_path, vm, timeout)
+                except (OperationTimeout, _Refused) as exc:
+                    if key not in self._failing:
+                        self._failing.add(key)
+                        log.warning("VM %s on %s: %s", vm, host.name, exc.message)
+                    raise
+                if key in self._failing:
+                    self._failing.discard(key)
+                    log.info("VM %s on %s: QMP answers again", vm, host.name)
                 self._clients[key] = client
         self._users[key] = self._users.get(key, 0) + 1
         if handle := self._idle.pop(key, None):
@@ -146,7 +163,7 @@ class QMPPool:
 
     async def forget(self, host: Host, socket_path: str, timeout: float = 1.0) -> None:
         """Drop the connection to ``socket_path`` (its VM stopped or is being restarted)."""
-        key = (getattr(host, "identity", host.name), socket_path)
+        key = (host.identity, socket_path)
         if handle := self._idle.pop(key, None):
             handle.cancel()
         client = self._clients.pop(key, None)

@@ -5,14 +5,13 @@
 - :class:`HeaderGuard`: Host / Origin allow-lists (DNS rebinding, cross-origin pages).  The SDK's transport
   security matcher has no "any host" pattern, which a token-protected server on 0.0.0.0 behind a port
   mapping needs, so the check lives here.
-- :class:`PathPolicy`: local ``vm_dir`` / ``disk`` / ``iso`` / ``ssh_key`` paths must resolve under allowed roots.
+- :func:`check_ssh_key`: an ``ssh_key`` must resolve under ``--ssh-key-dirs`` (other paths: :mod:`.vm.fence`).
 - :class:`StreamLimiter`: concurrent ``monitor_vm_status`` calls per client and in all.
 - :func:`audit`: one JSON line per state-changing action.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -38,10 +37,10 @@ from .errors import InvalidInput, LimitExceeded
 __all__ = [
     "SCOPE",
     "HeaderGuard",
-    "PathPolicy",
     "StaticTokenVerifier",
     "StreamLimiter",
     "audit",
+    "check_ssh_key",
     "client_identity",
     "load_tokens",
 ]
@@ -164,51 +163,22 @@ class HeaderGuard:
 # -- paths ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PathPolicy:
-    """Local paths a client may name: resolved (symlinks, ``..``) before the check."""
+def check_ssh_key(settings: Settings, path: str) -> str:
+    """An ``ssh_key`` names a file of this server: it must resolve under ``--ssh-key-dirs``.
 
-    roots: tuple[str, ...]
-    iso_dirs: tuple[str, ...] = ()
-    key_dirs: tuple[str, ...] = ()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PathPolicy:
-        return cls(
-            roots=_resolve_all(settings.allowed_roots or (settings.vm_dir,)),
-            iso_dirs=_resolve_all(settings.iso_dirs),
-            key_dirs=_resolve_all(settings.ssh_key_dirs),
-        )
-
-    def check_vm_dir(self, path: str) -> str:
-        return self._check(path, "vm_dir", self.roots)
-
-    def check_disk(self, path: str) -> str:
-        return self._check(path, "disk", self.roots)
-
-    def check_iso(self, path: str) -> str:
-        return self._check(path, "iso", self.roots + self.iso_dirs)
-
-    def check_ssh_key(self, path: str) -> str:
-        return self._check(path, "ssh_key", self.key_dirs)
-
-    @staticmethod
-    def _check(path: str, field_name: str, roots: tuple[str, ...]) -> str:
-        if not path.startswith("/") and not (field_name == "ssh_key" and path.startswith("~")):
-            raise InvalidInput(field_name, f"{path!r} must be an absolute path")
-        resolved = os.path.realpath(os.path.expanduser(path))
-        if any(resolved == root or resolved.startswith(root.rstrip("/") + "/") for root in roots):
-            return resolved
-        allowed = ", ".join(roots) or "(none configured)"
-        raise InvalidInput(
-            field_name,
-            f"{path!r} is outside the directories this server allows ({allowed}); "
-            "use a path under them or ask the operator to extend the allowed roots",
-        )
-
-
-def _resolve_all(paths: Sequence[str]) -> tuple[str, ...]:
-    return tuple(posixpath.normpath(os.path.realpath(os.path.expanduser(p))) for p in paths)
+    :raise InvalidInput: it does not.
+    """
+    if not path.startswith(("/", "~")):
+        raise InvalidInput("ssh_key", f"{path!r} must be an absolute path")
+    roots = tuple(posixpath.normpath(os.path.realpath(os.path.expanduser(p))) for p in settings.ssh_key_dirs)
+    resolved = os.path.realpath(os.path.expanduser(path))
+    if any(resolved == root or resolved.startswith(root.rstrip("/") + "/") for root in roots):
+        return resolved
+    raise InvalidInput(
+        "ssh_key",
+        f"{path!r} is outside the directories this server allows for keys ({', '.join(roots) or 'none'}); "
+        "use a key under them or ask the operator to extend --ssh-key-dirs",
+    )
 
 
 # -- clients, limits, audit -----------------------------------------------------------------------
@@ -254,13 +224,20 @@ class StreamLimiter:
                 del self._active[client]
 
 
-async def audit(settings: Settings, **fields_: Any) -> None:
-    """One line per state-changing action: time, client, host, VM, action, result."""
+def audit(settings: Settings, **fields_: Any) -> None:
+    """One line per state-changing action: time, client, host, VM, action, result.
+
+    Synchronous on purpose: it runs in ``finally`` blocks of cancelled calls, where an ``await`` would be
+    cancelled again; the file append is one small ``O_APPEND`` write.
+    """
     record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **fields_}
     line = json.dumps(record, separators=(",", ":"), default=str)
     audit_log.info("%s", line)
     if settings.audit_log:
-        await asyncio.to_thread(_append, settings.audit_log, line + "\n")
+        try:
+            _append(settings.audit_log, line + "\n")
+        except OSError as exc:
+            audit_log.error("cannot append to the audit log %s: %s", settings.audit_log, exc.strerror)
 
 
 def _append(path: str, text: str) -> None:

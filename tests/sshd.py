@@ -277,6 +277,8 @@ def remote_server_fixture(sshd: SSHServer) -> Iterator[ServerProcess]:
             "QEMU_MCP_ALLOWED_ROOTS": str(sshd.root),
             "QEMU_MCP_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
             "QEMU_MCP_SSH_KEY_DIRS": str(sshd.key_dir),
+            # The tests log in to the test sshd's address with the key too, not only through named hosts.
+            "QEMU_MCP_ALLOW_CLIENT_SSH_KEYS": "1",
             "QEMU_MCP_SSH_CONNECT_TIMEOUT": "3",
             "QEMU_MCP_SSH_HOSTS_FILE": str(named),
             "QEMU_MCP_LOG_LEVEL": "DEBUG",

@@ -24,8 +24,11 @@ def test_bad_values_are_named() -> None:
         parse_settings([], {"QEMU_MCP_PORT": "eighty"})
     with pytest.raises(ValueError, match="vm_dir must be an absolute path"):
         parse_settings([], {"QEMU_MCP_VM_DIR": "vms"})
-    with pytest.raises(ValueError, match="qmp_timeout must be > 0"):
+    with pytest.raises(ValueError, match="qmp_timeout must be a finite number > 0"):
         Settings(qmp_timeout=0)
+    for text in ("nan", "inf", "-inf", "1e999"):  # float() accepts them all; a timeout of NaN never ends
+        with pytest.raises(ValueError, match="stop_timeout must be a finite number"):
+            parse_settings([], {"QEMU_MCP_STOP_TIMEOUT": text})
     with pytest.raises(ValueError, match="accel must be one of"):
         Settings(accel="hvf")  # type: ignore[arg-type]
     with pytest.raises(SystemExit):

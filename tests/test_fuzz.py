@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
+import subprocess
 import threading
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
@@ -186,3 +189,121 @@ def test_monitor_fuzz(
     answer = client.run(client.tools.call("monitor_vm_status", **args), timeout=30)
     check_envelope(answer)
     assert not answer["success"]  # no VM runs here
+
+
+# -- existing files as disks and ISOs: the header of an image names other files -------------------------
+
+header_kinds = st.sampled_from(["raw", "zeros", "qcow2", "backing-out", "data-file-out", "json", "nbd", "vmdk", "dir"])
+
+
+def plant(path: Path, kind: str, sentinel: Path) -> None:
+    """A file as a guest (or anyone) could have left it: plain bytes, or an image header naming other files."""
+    victim = sentinel / "file"
+    img = ["qemu-img", "create", "-q"]
+    if kind == "raw":
+        path.write_bytes(b"QFI\xfb" + bytes(508))  # a qcow2 magic and nothing valid behind it
+    elif kind == "zeros":
+        path.write_bytes(bytes(65536))
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        argv = {
+            "qcow2": [*img, "-f", "qcow2", str(path), "1M"],
+            "backing-out": [*img, "-f", "qcow2", "-u", "-b", str(victim), "-F", "raw", str(path), "1M"],
+            "data-file-out": [*img, "-f", "qcow2", "-o", f"data_file={sentinel}/data.raw,data_file_raw=on", str(path)],
+            "json": [
+                *img,
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                f'json:{{"driver":"file","filename":"{victim}"}}',
+                "-F",
+                "raw",
+                str(path),
+                "1M",
+            ],
+            "nbd": [*img, "-f", "qcow2", "-u", "-b", "nbd:127.0.0.1:1", "-F", "raw", str(path), "1M"],
+            "vmdk": [*img, "-f", "vmdk", str(path), "1M"],
+        }[kind]
+        if kind == "data-file-out":
+            argv.append("1M")
+        subprocess.run(argv, check=True, capture_output=True)
+
+
+def sentinel_opened_by_qemu(root: Path, sentinel: Path) -> list[str]:
+    found = []
+    for pidfile in root.rglob("qemu.pid"):
+        try:
+            fds = Path(f"/proc/{int(pidfile.read_text())}/fd")
+            links = [os.readlink(fd) for fd in fds.iterdir()]
+        except (OSError, ValueError):
+            continue
+        found += [link for link in links if link.startswith(str(sentinel))]
+    return found
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    kind=header_kinds,
+    as_iso=st.booleans(),
+    fmt=st.sampled_from(["", ",format=raw", ",format=qcow2"]),
+    start=st.booleans(),
+)
+def test_existing_files_as_disks_fuzz(
+    fuzz_env: tuple[BackgroundClient, ServerProcess, Path], kind: str, as_iso: bool, fmt: str, start: bool
+) -> None:
+    """Whatever header an existing file has, QEMU never opens a file outside the roots through it."""
+    client, srv, sentinel = fuzz_env
+    planted = srv.vm_dir / f"planted-{secrets.token_hex(4)}"
+    plant(planted, kind, sentinel)  # qemu-img makes the data file of a data-file image: before the snapshot
+    before = snapshot(sentinel)
+    name = f"fz-{secrets.token_hex(3)}"
+    args: dict[str, Any] = {"name": name, "action": "create", "arch": "x86_64", "memory": "64M", "vcpus": 1}
+    if as_iso:
+        args.update(iso=str(planted), disk="size=16M")
+    else:
+        args["disk"] = f"path={planted}{fmt}"
+    try:
+        created = client.run(client.tools.call("manage_vm", **args))
+        check_envelope(created)
+        if created["success"] and start:
+            check_envelope(client.run(client.tools.call("manage_vm", name=name, action="start")))
+            assert not sentinel_opened_by_qemu(srv.vm_dir, sentinel)
+        if created["success"]:
+            deleted = client.run(client.tools.call("manage_vm", name=name, action="delete", stop_timeout=0))
+            assert deleted["success"], deleted
+    finally:
+        kill_vms_under(srv.vm_dir / name)
+        if planted.is_dir():
+            planted.rmdir()
+        else:
+            planted.unlink(missing_ok=True)
+    assert snapshot(sentinel) == before
+
+
+numbers_extreme = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e300, -1e300, 2**70, "nan", "inf", "1e999"]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@FUZZ
+@given(
+    stop_timeout=numbers_extreme, interval=numbers_extreme, size=st.from_regex(r"[1-9][0-9]{14,499}", fullmatch=True)
+)
+def test_non_finite_and_huge_numbers_fuzz(
+    fuzz_env: tuple[BackgroundClient, ServerProcess, Path], stop_timeout: Any, interval: Any, size: str
+) -> None:
+    """Non-finite and huge numbers get an envelope naming the field, never a hang or an internal error."""
+    client, _, _ = fuzz_env
+    for answer in (
+        client.run(client.tools.call("manage_vm", name="nobody", action="stop", stop_timeout=stop_timeout)),
+        client.run(client.tools.call("monitor_vm_status", name="nobody", interval=interval), timeout=10),
+        client.run(client.tools.call("manage_vm", name="huge", action="create", arch="x86_64", memory=size)),
+        client.run(client.tools.call("manage_vm", name="huge", action="create", arch="x86_64", disk=f"size={size}G")),
+    ):
+        check_envelope(answer)
+        assert not answer["success"] and "internal error" not in answer["message"], answer

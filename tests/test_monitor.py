@@ -149,7 +149,7 @@ async def test_metrics_filter(tools: ToolClient, guest: Guest) -> None:
 @pytest.mark.parametrize(
     ("arguments", "words"),
     [
-        ({"interval": 0.5}, ("interval", "minimum of 1")),
+        ({"interval": 0.5}, ("interval", "from 1 to")),
         ({"count": -1}, ("count", ">= 0")),
         ({"metrics": "gpu"}, ("metrics",)),
     ],

@@ -255,10 +255,14 @@ async def test_server_killed_during_create(workdir: Path) -> None:
             listed = await t.ok("list_vms")
             assert listed["data"]["vm_count"] == 0  # never counted as a VM ...
             assert listed["data"]["incomplete"] == ["halfway"]  # ... but reported
-            assert "not usable VMs" in listed["message"]
+            assert "1 entry that is not a usable VM" in listed["message"]
             again = await t.fails("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
-            assert "holds no VM definition" in again["message"]
-            shutil.rmtree(vm_dir / "halfway")
+            assert "holds no VM definition" in again["message"] and "delete removes" in again["message"]
+            # delete cleans what the interrupted create made (its directory and journal), and only that.
+            cleaned = await t.ok("manage_vm", name="halfway", action="delete")
+            assert cleaned["data"]["details"]["removed"] == [str(vm_dir / "halfway")], cleaned
+            assert "incomplete" in cleaned["data"]["details"]["note"]
+            assert not (vm_dir / "halfway").exists() and not (vm_dir / ".locks" / "halfway.lock").exists()
             await t.ok("manage_vm", name="halfway", action="create", arch="x86_64", memory="64M", disk="size=16M")
             listed = await t.ok("list_vms")
             assert listed["data"]["vm_count"] == 1 and "incomplete" not in listed["data"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pwd
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -258,3 +260,65 @@ async def test_named_host_allowed_roots(rtools: ToolClient, sshd: SSHServer) -> 
         assert (await rtools.ok("list_vms", **{**key_args(sshd), "vm_dir": "/tmp"}))["success"]
     finally:
         escape.unlink()
+
+
+async def test_server_keys_open_only_named_hosts(sshd: SSHServer, workdir: Path) -> None:
+    """By default a client's ssh_key (a key of the server's) works for named hosts only: with host=<address> it
+    would give remote mode, without the local fence, on any machine the key opens (this one included)."""
+    named = workdir / "keys-hosts.json"
+    named.write_text(json.dumps({"lab": {"address": sshd.address, "port": sshd.port, "user": sshd.user}}))
+    srv = ServerProcess(
+        vm_dir=workdir / "keys-vms",
+        env={
+            "QEMU_MCP_ACCEL": "tcg",
+            "QEMU_MCP_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
+            "QEMU_MCP_SSH_KEY_DIRS": str(sshd.key_dir),
+            "QEMU_MCP_SSH_HOSTS_FILE": str(named),
+        },
+    )
+    srv.vm_dir.mkdir()
+    srv.start()
+    try:
+        async with open_tools(srv.url) as t:
+            refused = await t.fails("list_vms", **key_args(sshd))
+            assert refused["data"]["error"] == "InvalidInput" and "named hosts" in refused["message"], refused
+            assert "--allow-client-ssh-keys" in refused["message"]
+            listed = await t.ok("list_vms", host="lab", ssh_key=str(sshd.key), vm_dir=str(sshd.vm_dir))
+            assert listed["data"]["host"] == "lab"
+            assert (await t.ok("list_vms", **pwd_args(sshd)))["success"]  # the client's own credential: fine
+    finally:
+        srv.stop()
+
+
+async def test_remote_hardening(rtools: ToolClient, sshd: SSHServer) -> None:
+    """Over SSH the same rules hold, checked on the remote host: bounded scans, image chains inside the
+    named host's roots, no disk inside another VM's directory."""
+    args = {"host": "fenced", "vm_dir": str(sshd.vm_dir)}
+    await rtools.ok("manage_vm", **args, name="rh1", action="create", arch="x86_64", memory="64M", disk="size=16M")
+    pidfile = sshd.vm_dir / "rh1" / "qemu.pid"
+    try:
+        with open(pidfile, "wb") as f:
+            f.truncate(1 << 30)
+        began = time.monotonic()
+        vm = (await rtools.ok("list_vms", **args, filter_name="rh1"))["data"]["vms"][0]
+        assert time.monotonic() - began < 10 and vm["status"] == "stopped"
+    finally:
+        pidfile.unlink()
+    planted = sshd.vm_dir / "planted.img"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", str(planted), "1M"], check=True
+    )
+    os.chown(planted, pwd.getpwnam(sshd.user).pw_uid, -1)
+    try:
+        refused = await rtools.fails(
+            "manage_vm", **args, name="rh2", action="create", arch="x86_64", disk=f"path={planted}"
+        )
+        assert "outside the directories allowed on fenced" in refused["message"], refused
+        inside = await rtools.fails(
+            "manage_vm", **args, name="rh3", action="create", arch="x86_64",
+            disk=f"path={sshd.vm_dir}/rh1/vm.json",
+        )  # fmt: skip
+        assert inside["data"]["error"] == "InvalidInput", inside
+    finally:
+        planted.unlink()
+    await rtools.ok("manage_vm", **args, name="rh1", action="delete")

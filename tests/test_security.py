@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -142,9 +143,15 @@ async def test_delete_does_not_follow_planted_symlinks(tools: ToolClient, workdi
     disk = vm_path / f"{name}.qcow2"
     disk.unlink()
     disk.symlink_to(precious / "data.txt")
-    await tools.ok("manage_vm", name=name, action="delete")
-    assert not vm_path.exists()
+    deleted = (await tools.ok("manage_vm", name=name, action="delete"))["data"]["details"]
     assert (precious / "data.txt").read_text() == "keep me"
+    assert (precious).is_dir()
+    # Only what the server made is removed; the planted links are kept (as links) and named.
+    assert not (vm_path / "vm.json").exists()
+    assert str(disk) not in deleted["removed"]
+    assert sorted(deleted["kept"]) == sorted([str(disk), str(vm_path / "evil-dir"), str(vm_path / "evil-file")])
+    assert "no longer the file create made" in deleted["note"]
+    shutil.rmtree(vm_path)
 
 
 async def test_secrets_never_echoed(tools: ToolClient, server: ServerProcess) -> None:

@@ -8,13 +8,23 @@ Commands are argv lists, never shell strings; over SSH each argument is
 from __future__ import annotations
 
 import abc
+import asyncio
 import socket
+import stat as stat_mod
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["CommandResult", "FileStat", "Host", "SubdirFiles", "parse_pid"]
+from ..errors import HostError
+
+__all__ = ["SMALL_FILE_MAX", "CommandResult", "FileLock", "FileStat", "Host", "SubdirFiles", "parse_pid"]
+
+#: Largest file :meth:`Host.read_files` returns by default. Definitions, pid files, run-time facts and /proc
+#: files are far smaller; a bigger file (planted, or grown by mistake) is not read at all, so that one call
+#: can never make the server read gigabytes.
+SMALL_FILE_MAX = 1 << 20
+_KIND = {stat_mod.S_IFREG: "file", stat_mod.S_IFLNK: "link", stat_mod.S_IFDIR: "dir"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,10 @@ class SubdirFiles:
     files: Mapping[str, bytes | None]
     #: ``/proc/<pid>/cmdline`` of the pid held by the pid file, when such a process exists.
     cmdline: bytes | None
+    #: The subdirectory is a symbolic link: nothing in it was read (it is not a VM directory).
+    is_symlink: bool = False
+    #: Files present but larger than the size limit, so not read.
+    oversized: frozenset[str] = frozenset()
 
 
 class Host(abc.ABC):
@@ -54,6 +68,8 @@ class Host(abc.ABC):
 
     #: Name shown to clients (``data.host``).
     name: str
+    #: What makes two hosts the same machine and account (per-VM locks and QMP connections are shared by it).
+    identity: str
 
     @abc.abstractmethod
     async def run(
@@ -73,8 +89,14 @@ class Host(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def read_files(self, paths: Sequence[str], *, timeout: float) -> Mapping[str, bytes | None]:
-        """Read several small files in one go; a missing or unreadable file maps to ``None``."""
+    async def read_files(
+        self, paths: Sequence[str], *, timeout: float, max_bytes: int = SMALL_FILE_MAX
+    ) -> Mapping[str, bytes | None]:
+        """Read several small regular files in one go.
+
+        A missing or unreadable file, one that is not a regular file, a symbolic link (the last
+        component), or one larger than ``max_bytes`` maps to ``None``; nothing larger is ever read.
+        """
 
     @abc.abstractmethod
     async def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
@@ -95,6 +117,39 @@ class Host(abc.ABC):
         :raise QMPUnavailable: nothing listens there.
         """
 
+    async def realpath(self, paths: Sequence[str], *, timeout: float) -> list[str]:
+        """Each path with every symbolic link and ``..`` resolved, as this host sees it (``realpath -m``:
+        missing components are allowed)."""
+        if not paths:
+            return []
+        result = await self.run(["realpath", "-m", "--", *paths], timeout=timeout)
+        resolved = result.stdout.splitlines()
+        if len(resolved) != len(paths):
+            raise HostError(f"realpath on {self.name} answered {len(resolved)} lines for {len(paths)} paths")
+        return resolved
+
+    async def file_ids(self, paths: Sequence[str], *, timeout: float) -> dict[str, str | None]:
+        """What each path *is* (``lstat``: a link is itself), or ``None`` when it does not exist:
+        ``device:inode:birth-time:type``.
+
+        A definition that names a path proves nothing about the file found there now; its recorded identity
+        does. The birth time tells a new file that reused a freed inode number from the old one.
+        """
+        if not paths:
+            return {}
+        argv = ["stat", "--printf", "%d:%i:%.9W:%f\\t%n\\n", "--", *paths]
+        result = await self.run(argv, timeout=timeout, check=False)
+        found: dict[str, str | None] = dict.fromkeys(paths)
+        for line in result.stdout.splitlines():
+            fields, sep, path = line.partition("\t")
+            device, _, rest = fields.partition(":")
+            inode, _, rest = rest.partition(":")
+            born, _, mode = rest.partition(":")
+            if sep and path in found and mode:
+                kind = _KIND.get(stat_mod.S_IFMT(int(mode, 16)), "other")
+                found[path] = f"{device}:{inode}:{born}:{kind}"
+        return found
+
     async def scan_subdirs(
         self, directory: str, filenames: Sequence[str], *, pidfile: str, timeout: float
     ) -> dict[str, SubdirFiles]:
@@ -106,34 +161,47 @@ class Host(abc.ABC):
         """
         names = [n for n in await self.list_dir(directory, timeout=timeout) if not n.startswith(".")]
         wanted = list(dict.fromkeys([*filenames, pidfile]))
-        paths = {(n, f): f"{directory}/{n}/{f}" for n in names for f in wanted}
+        stats = await asyncio.gather(*(self.stat(f"{directory}/{n}", timeout=timeout) for n in names))
+        links = [n for n, st in zip(names, stats, strict=True) if st is not None and st.is_symlink]
+        dirs = [n for n, st in zip(names, stats, strict=True) if st is not None and st.is_dir]
+        paths = {(n, f): f"{directory}/{n}/{f}" for n in dirs for f in wanted}
         raws = await self.read_files(list(paths.values()), timeout=timeout) if paths else {}
-        found: dict[str, dict[str, bytes | None]] = {n: {} for n in names}
+        found: dict[str, dict[str, bytes | None]] = {n: {} for n in dirs}
         for (n, f), path in paths.items():
             found[n][f] = raws.get(path)
-        # Names with no file at all may be plain files (disks, ISOs): keep only directories.
-        for n in [n for n, files in found.items() if not any(v is not None for v in files.values())]:
-            st = await self.stat(f"{directory}/{n}", timeout=timeout)
-            if st is None or not st.is_dir:
-                del found[n]
+        # A file that exists but was not read is unreadable or too big: only the size tells which.
+        missing = [(n, f) for (n, f), path in paths.items() if raws.get(path) is None]
+        sizes = await asyncio.gather(*(self.stat(paths[key], timeout=timeout) for key in missing))
+        oversized: dict[str, set[str]] = {}
+        for (n, f), st in zip(missing, sizes, strict=True):
+            if st is not None and st.is_file and st.size > SMALL_FILE_MAX:
+                oversized.setdefault(n, set()).add(f)
         pids = {n: parse_pid(files.get(pidfile)) for n, files in found.items()}
         procs = {n: f"/proc/{pid}/cmdline" for n, pid in pids.items() if pid is not None}
         cmdlines = await self.read_files(list(procs.values()), timeout=timeout) if procs else {}
-        return {
-            n: SubdirFiles({f: files.get(f) for f in filenames}, cmdlines.get(procs[n]) if n in procs else None)
+        scanned = {
+            n: SubdirFiles(
+                {f: files.get(f) for f in filenames},
+                cmdlines.get(procs[n]) if n in procs else None,
+                oversized=frozenset(oversized.get(n, ())),
+            )
             for n, files in found.items()
         }
+        scanned.update({n: SubdirFiles(dict.fromkeys(filenames), None, is_symlink=True) for n in links})
+        return scanned
 
     @asynccontextmanager
-    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[bool]:
-        """Hold an exclusive lock on ``path`` across processes of this host; yields whether it is held.
+    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[FileLock]:
+        """Hold an exclusive lock on ``path`` across processes of this host.
 
         Callers still serialize within the server; this guards against a second server process
-        sharing the same ``vm_dir``. Hosts that cannot lock yield ``False``.
+        sharing the same ``vm_dir``. Hosts that cannot lock yield a lock whose ``held`` is false.
+        A holder that calls :meth:`FileLock.discard` has the file removed as the lock is released
+        (for names that turned out not to be VMs), which other waiters notice and handle.
 
         :raise OperationTimeout: another process held the lock for longer than ``timeout``.
         """
-        yield False
+        yield FileLock(path, held=False)
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op for hosts that hold nothing
         """Release what the host holds (pooled hosts return their connection)."""
@@ -148,6 +216,19 @@ class Host(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+@dataclass
+class FileLock:
+    """A held (or, on hosts that cannot lock, merely notional) lock file."""
+
+    path: str
+    held: bool
+    #: Remove the lock file on release: nothing is left behind for a name that is not a VM.
+    remove_on_release: bool = False
+
+    def discard(self) -> None:
+        self.remove_on_release = True
 
 
 def parse_pid(raw: bytes | None) -> int | None:

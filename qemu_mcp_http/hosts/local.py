@@ -20,7 +20,7 @@ from ..errors import (
     QemuNotInstalled,
     QMPUnavailable,
 )
-from .base import CommandResult, FileStat, Host
+from .base import SMALL_FILE_MAX, CommandResult, FileLock, FileStat, Host, SubdirFiles, parse_pid
 
 __all__ = ["LocalHost"]
 
@@ -32,6 +32,7 @@ class LocalHost(Host):
 
     def __init__(self, name: str = "localhost") -> None:
         self.name = name
+        self.identity = "local"
 
     async def run(
         self,
@@ -73,8 +74,19 @@ class LocalHost(Host):
             raise CommandFailed(argv, result.returncode, result.stderr)
         return result
 
-    async def read_files(self, paths: Sequence[str], *, timeout: float) -> Mapping[str, bytes | None]:
-        return await self._off_loop(_read_files, list(paths), timeout=timeout)
+    async def read_files(
+        self, paths: Sequence[str], *, timeout: float, max_bytes: int = SMALL_FILE_MAX
+    ) -> Mapping[str, bytes | None]:
+        return await self._off_loop(_read_files, list(paths), max_bytes, timeout=timeout)
+
+    async def realpath(self, paths: Sequence[str], *, timeout: float) -> list[str]:
+        return await self._off_loop(lambda: [os.path.realpath(p) for p in paths], timeout=timeout)
+
+    async def scan_subdirs(
+        self, directory: str, filenames: Sequence[str], *, pidfile: str, timeout: float
+    ) -> dict[str, SubdirFiles]:
+        # One trip off the loop for the whole directory: list_vms of 100 VMs is then a few hundred syscalls.
+        return await self._off_loop(_scan_subdirs, directory, tuple(filenames), pidfile, timeout=timeout)
 
     async def write_file(self, path: str, data: bytes, *, timeout: float) -> None:
         await self._off_loop(_write_atomic, path, data, timeout=timeout)
@@ -99,27 +111,39 @@ class LocalHost(Host):
         return sock
 
     @contextlib.asynccontextmanager
-    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[bool]:
-        fd = await self._off_loop(_open_lock_file, path, timeout=timeout)
-        if fd is None:
-            yield False
-            return
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
+    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[FileLock]:
+        deadline = time.monotonic() + timeout
+        while True:
+            fd = await self._off_loop(_open_lock_file, path, timeout=timeout)
+            if fd is None:
+                yield FileLock(path, held=False)
+                return
+            try:
+                while True:
+                    try:
+                        # Non-blocking attempts polled on the loop: flock itself never blocks here.
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise OperationTimeout(
+                                f"another process held the lock {path} on {self.name} for more than {timeout:g} s"
+                            ) from None
+                        await asyncio.sleep(0.05)
+                # A holder may have removed the file as it let go: the lock held is then on a file nobody
+                # else will open again. Only the file that is still at ``path`` counts.
+                if not _same_file(fd, path):
+                    continue
+                lock = FileLock(path, held=True)
                 try:
-                    # Non-blocking attempts polled on the loop: flock itself never blocks here.
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise OperationTimeout(
-                            f"another process held the lock {path} on {self.name} for more than {timeout:g} s"
-                        ) from None
-                    await asyncio.sleep(0.05)
-            yield True
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
+                    yield lock
+                finally:
+                    if lock.remove_on_release:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)  # while still holding it: a waiter then sees another file, or none
+                return
+            finally:
+                os.close(fd)  # closing the descriptor releases the lock
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any, timeout: float) -> T:
         try:
@@ -147,15 +171,82 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _read_files(paths: list[str]) -> dict[str, bytes | None]:
-    out: dict[str, bytes | None] = {}
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                out[path] = f.read()
-        except OSError:
-            out[path] = None
-    return out
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _read_files(paths: list[str], max_bytes: int) -> dict[str, bytes | None]:
+    return {path: _read_small(path, max_bytes) for path in paths}
+
+
+def _read_small(path: str, max_bytes: int) -> bytes | None:
+    """A regular file's content, or ``None``: missing, unreadable, a link, a FIFO or device, or too big.
+
+    O_NONBLOCK: opening a FIFO planted under a managed name must not block a thread forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        # /proc files report size 0: read until EOF, but never past the limit.
+        while chunk := os.read(fd, min(65536, max_bytes + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                return None
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _scan_subdirs(directory: str, filenames: tuple[str, ...], pidfile: str) -> dict[str, SubdirFiles]:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return {}
+    found: dict[str, SubdirFiles] = {}
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            found[entry.name] = SubdirFiles(dict.fromkeys(filenames), None, is_symlink=True)
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        files: dict[str, bytes | None] = {}
+        oversized: set[str] = set()
+        for filename in dict.fromkeys([*filenames, pidfile]):
+            path = f"{entry.path}/{filename}"
+            files[filename] = _read_small(path, SMALL_FILE_MAX)
+            if files[filename] is None and _is_big_file(path):
+                oversized.add(filename)
+        pid = parse_pid(files.get(pidfile))
+        cmdline = _read_small(f"/proc/{pid}/cmdline", SMALL_FILE_MAX) if pid is not None else None
+        found[entry.name] = SubdirFiles(
+            {f: files.get(f) for f in filenames}, cmdline, oversized=frozenset(oversized & set(filenames))
+        )
+    return found
+
+
+def _is_big_file(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat_mod.S_ISREG(st.st_mode) and st.st_size > SMALL_FILE_MAX
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -34,7 +34,7 @@ from ..errors import (
     QemuNotInstalled,
     QMPUnavailable,
 )
-from .base import CommandResult, FileStat, Host, SubdirFiles
+from .base import SMALL_FILE_MAX, CommandResult, FileStat, Host, SubdirFiles
 from .pool import SSHConnection, SSHPool, SSHTarget
 
 __all__ = ["SSHHost"]
@@ -46,8 +46,6 @@ T = TypeVar("T")
 #: Bytes asked per SFTP read, below OpenSSH's per-read cap (256 KiB - 1 KiB): from a regular file a shorter
 #: answer means end of file, so a small file costs one read.  /proc files (size 0, generated) are read to EOF.
 READ_CHUNK = 64 * 1024
-#: Largest file ``read_files`` returns; these are small metadata files.
-MAX_READ = 16 * 1024 * 1024
 _EXIT_NOT_FOUND = 127
 
 #: :meth:`SSHHost.scan_subdirs` in one command, with three processes whatever the number of VMs (sh, wc,
@@ -55,30 +53,63 @@ _EXIT_NOT_FOUND = 127
 #: and file names arrive as positional parameters (each quoted by ``shlex.join``), never as program text.
 #: Only names a VM may have are scanned, so every path is safe to print on a line; contents are framed by
 #: their sizes from ``wc -c``, and the parser checks the total (a file that changed in between: scan again).
+#: Symbolic links are reported (``L``), never followed; files over ``max`` bytes are reported (``B``), never read
+#: (nor is a pid file read before its size is known: ``read`` of a huge file without a newline would take minutes).
 _SCAN_SCRIPT = r"""
-dir=$1; pidfile=$2; shift 2
+dir=$1; pidfile=$2; max=$3; shift 3
 cd -- "$dir" 2>/dev/null || exit 0
 names=$*
 set --
 for d in *; do
   case $d in [A-Za-z0-9]*) ;; *) continue ;; esac
   case $d in *[!A-Za-z0-9._-]*) continue ;; esac
+  if [ -L "$d" ]; then echo "L $d"; continue; fi
   [ -d "$d" ] || continue
   echo "D $d"
   for f in $names; do
-    if [ -f "$d/$f" ] && [ -r "$d/$f" ]; then set -- "$@" "$d/$f"; fi
+    if [ -f "$d/$f" ] && [ ! -L "$d/$f" ] && [ -r "$d/$f" ]; then set -- "$@" "$d/$f"; fi
   done
-  pid=
-  if [ -r "$d/$pidfile" ]; then read -r pid < "$d/$pidfile"; fi
-  case $pid in
-    ''|*[!0-9]*) ;;
-    *) if [ -r "/proc/$pid/cmdline" ]; then echo "P $d $pid"; set -- "$@" "/proc/$pid/cmdline"; fi ;;
-  esac
 done
+sz=
+procs=
+if [ $# -gt 0 ]; then
+  # wc -c takes a regular file's size from stat; only /proc files (size 0) are read to count them.
+  sizes=$(wc -c -- "$@")
+  set --
+  while read -r n p; do
+    [ "$p" = total ] && continue
+    if [ "$n" -gt "$max" ]; then echo "B $p"; continue; fi
+    set -- "$@" "$p"
+    sz="$sz$n $p
+"
+    case $p in
+      */"$pidfile")
+        pid=
+        if [ "$n" -lt 32 ]; then read -r pid < "$p" || :; fi
+        case $pid in
+          ''|*[!0-9]*) ;;
+          *) if [ -r "/proc/$pid/cmdline" ]; then echo "P ${p%/*} $pid"; procs="$procs /proc/$pid/cmdline"; fi ;;
+        esac ;;
+    esac
+  done <<SIZES
+$sizes
+SIZES
+fi
+if [ -n "$procs" ]; then
+  sizes=$(wc -c $procs)
+  while read -r n p; do
+    [ "$p" = total ] && continue
+    set -- "$@" "$p"
+    sz="$sz$n $p
+"
+  done <<SIZES
+$sizes
+SIZES
+fi
 echo S
-if [ $# -gt 0 ]; then wc -c -- "$@"; fi
+printf %s "$sz"
 echo C
-if [ $# -gt 0 ]; then cat -- "$@"; fi
+if [ $# -gt 0 ]; then cat -- "$@" 2>/dev/null; fi
 """
 
 
@@ -221,7 +252,9 @@ class SSHHost(Host):
 
         return await self._with_retry(what, attempt)
 
-    async def read_files(self, paths: Sequence[str], *, timeout: float) -> Mapping[str, bytes | None]:
+    async def read_files(
+        self, paths: Sequence[str], *, timeout: float, max_bytes: int = SMALL_FILE_MAX
+    ) -> Mapping[str, bytes | None]:
         unique = list(dict.fromkeys(paths))
         if not unique:
             return {}
@@ -253,7 +286,7 @@ class SSHHost(Host):
                             del pending[p]  # EOF
                         else:
                             data[p] += chunk if isinstance(chunk, bytes) else chunk.encode()
-                            if len(data[p]) > MAX_READ:
+                            if len(data[p]) > max_bytes:
                                 data.pop(p)
                                 del pending[p]
                             elif len(chunk) < READ_CHUNK and not p.startswith("/proc/"):
@@ -326,7 +359,7 @@ class SSHHost(Host):
     ) -> dict[str, SubdirFiles]:
         # One exec instead of a listing and three batches of SFTP reads (13 round trips -> 3).
         wanted = list(dict.fromkeys([*filenames, pidfile]))
-        argv = scan_argv(directory, wanted, pidfile)
+        argv = scan_argv(directory, wanted, pidfile, SMALL_FILE_MAX)
 
         async def scan() -> dict[str, SubdirFiles]:
             for _ in range(3):
@@ -422,17 +455,18 @@ class ScanChanged(Exception):
     """A file changed between the sizes and the contents of a scan; scanning again settles it."""
 
 
-def scan_argv(directory: str, filenames: Sequence[str], pidfile: str) -> list[str]:
+def scan_argv(directory: str, filenames: Sequence[str], pidfile: str, max_bytes: int = SMALL_FILE_MAX) -> list[str]:
     """The command of a directory scan; its output is read by :func:`parse_scan`."""
-    return ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, *filenames]
+    return ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, str(max_bytes), *filenames]
 
 
 def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles]:
     """Decode the output of ``_SCAN_SCRIPT``.
 
-    Lines ``D <name>`` and ``P <name> <pid>``, a line ``S``, the ``wc -c`` lines, a line ``C``, then the
-    files' contents back to back in the order ``wc`` listed them. Names and paths cannot hold a newline
-    (the script scans only names a VM may have), so only the contents need their sizes.
+    Lines ``D <name>``, ``L <name>`` (a symbolic link), ``P <name> <pid>`` and ``B <name>/<file>`` (too big
+    to read), a line ``S``, the size lines (``<bytes> <path>``), a line ``C``, then the files' contents back
+    to back in the order of the size lines. Names and paths cannot hold a newline (the script scans only
+    names a VM may have), so only the contents need their sizes.
 
     :raise ScanChanged: the contents do not add up to the sizes (a file changed in between).
     """
@@ -442,11 +476,18 @@ def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles
         raise HostError("unreadable answer of the directory scan")
     listing, sizes_text, data = output[:start], output[start + 2 : end + 1], output[end + 3 :]
     found: dict[str, dict[str, bytes | None]] = {}
+    links: list[str] = []
+    oversized: dict[str, set[str]] = {}
     proc_of: dict[str, str] = {}
     for line in listing.decode().splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "D":
             found[rest] = {}
+        elif kind == "L":
+            links.append(rest)
+        elif kind == "B":
+            name, _, filename = rest.partition("/")
+            oversized.setdefault(name, set()).add(filename)
         elif kind == "P":
             name, _, pid = rest.rpartition(" ")
             proc_of[f"/proc/{pid}/cmdline"] = name
@@ -466,9 +507,16 @@ def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles
         else:
             name, _, filename = path.partition("/")
             found.setdefault(name, {})[filename] = content
-    return {
-        name: SubdirFiles({f: files.get(f) for f in filenames}, cmdlines.get(name)) for name, files in found.items()
+    scanned = {
+        name: SubdirFiles(
+            {f: files.get(f) for f in filenames},
+            cmdlines.get(name),
+            oversized=frozenset(oversized.get(name, set()) & set(filenames)),
+        )
+        for name, files in found.items()
     }
+    scanned.update({name: SubdirFiles(dict.fromkeys(filenames), None, is_symlink=True) for name in links})
+    return scanned
 
 
 async def _close_all(files: list[asyncssh.SFTPClientFile]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ class MonitorRun:
 
 async def _host_clock(vms: VMManager, timeout: float) -> HostClock:
     """The host's clock tick and CPU count, asked once per host for the server's life."""
-    key = ("clock", getattr(vms.host, "identity", vms.host.name))
+    key = ("clock", vms.host.identity)
     clock = vms.shared.host_facts.get(key)
     if not isinstance(clock, HostClock):
         clock = vms.shared.host_facts[key] = await HostClock.of(vms.host, timeout)
@@ -58,8 +59,9 @@ async def monitor_vm(
     """
     name = validate_name(name)
     chosen = parse_metrics(metrics)
-    if interval < 1:
-        raise InvalidInput("interval", f"{interval:g} is below the minimum of 1 second")
+    longest = vms.settings.monitor_max_duration
+    if not math.isfinite(interval) or not 1 <= interval <= longest:
+        raise InvalidInput("interval", f"{interval!r} must be a number of seconds from 1 to {longest:g}")
     if count < 0:
         raise InvalidInput("count", f"{count} must be >= 0 (0 samples until the client cancels)")
     settings = vms.settings

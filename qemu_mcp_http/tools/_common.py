@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
-from ..context import AppContext, HostRequest
-from ..errors import InvalidInput, QemuMcpError
-from ..hosts.base import Host
-from ..security import PathPolicy
-from ..vm.spec import parse_disk, validate_path
+from ..context import AppContext
+from ..errors import QemuMcpError
+from ..security import audit, client_identity
 
 __all__ = [
     "HostArg",
@@ -26,8 +25,7 @@ __all__ = [
     "ToolResult",
     "VmDirArg",
     "app_context",
-    "check_paths",
-    "check_remote_roots",
+    "audited_change",
     "envelope",
     "guarded",
 ]
@@ -82,64 +80,52 @@ async def guarded(work: Awaitable[tuple[str, dict[str, Any]]], base: dict[str, A
     try:
         message, data = await work
     except QemuMcpError as exc:
-        return envelope(False, exc.message, {**base, "error": type(exc).__name__})
+        failed = {**base, "error": type(exc).__name__}
+        if exc.details:
+            failed["details"] = exc.details
+        return envelope(False, exc.message, failed)
     except Exception:
         log.exception("tool call failed unexpectedly (%s)", base)
         return envelope(False, "internal error in the server (logged); please report it", {**base, "error": "internal"})
     return envelope(True, message, {**base, **data})
 
 
-def check_paths(
+async def audited_change(
     app: AppContext,
-    request: HostRequest,
-    vm_dir: str | None,
-    disk: str | None = None,
-    iso: str | None = None,
-) -> None:
-    """Refuse paths outside the allowed roots before anything happens.
+    ctx: Context[Any, Any],
+    work: Coroutine[Any, Any, tuple[str, dict[str, Any]]],
+    base: dict[str, Any],
+    **audit_fields: Any,
+) -> CallToolResult:
+    """Run a state-changing tool body to its end, even if the client goes away meanwhile, and audit it.
 
-    Local paths are resolved (symlinks, ``..``) and must lie under the allowed roots; on a remote host the
-    SSH account's permissions are the boundary.  An ``ssh_key`` is a file of this server, so it is always checked.
+    A VM half stopped because a client disconnected would help nobody: the work runs in a task of the
+    server's (see :meth:`AppContext.detach`); a cancelled call stops waiting for it, and the audit line,
+    written when the work ends whatever happened, says ``client_gone``.
     """
-    policy = PathPolicy.from_settings(app.settings)
-    if request.ssh_key and not request.is_local:
-        policy.check_ssh_key(request.ssh_key)
-    if not request.is_local:
-        return
-    if vm_dir is not None:
-        policy.check_vm_dir(validate_path(vm_dir, "vm_dir"))
-    disk_path = parse_disk(disk, max_disk_bytes=1 << 62).path if disk else None
-    if disk_path is not None:
-        policy.check_disk(disk_path)
-    if iso is not None:
-        policy.check_iso(validate_path(iso, "iso"))
+    client = client_identity(ctx)
+    gone = False
 
-
-async def check_remote_roots(
-    app: AppContext,
-    request: HostRequest,
-    target: Host,
-    vm_dir: str | None,
-    disk: str | None = None,
-    iso: str | None = None,
-) -> None:
-    """On a named host with ``allowed_roots``, refuse paths that resolve (on that host) outside them."""
-    entry = None if request.is_local else app.named_hosts.get((request.host or "").strip())
-    if entry is None or not entry.allowed_roots:
-        return
-    wanted = {"vm_dir": validate_path(vm_dir or app.settings.vm_dir, "vm_dir")}
-    if disk and (disk_path := parse_disk(disk, max_disk_bytes=1 << 62).path):
-        wanted["disk"] = disk_path
-    if iso:
-        wanted["iso"] = validate_path(iso, "iso")
-    # One command resolves the roots and the paths alike (symlinks, ..), as the host sees them.
-    argv = ["realpath", "-m", "--", *entry.allowed_roots, *wanted.values()]
-    resolved = (await target.run(argv, timeout=app.settings.command_timeout)).stdout.splitlines()
-    roots, paths = resolved[: len(entry.allowed_roots)], resolved[len(entry.allowed_roots) :]
-    for (field_name, given), real in zip(wanted.items(), paths, strict=True):
-        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
-            raise InvalidInput(
-                field_name,
-                f"{given} is outside the directories allowed on {request.host} "
-                f"({', '.join(entry.allowed_roots)}); use a path under one of them",
+    async def body() -> CallToolResult:
+        result: CallToolResult | None = None
+        try:
+            result = await guarded(work, base)
+            return result
+        finally:
+            outcome = (result.structured_content or {}) if result is not None else {}
+            extra = {"client_gone": True} if gone else {}
+            audit(
+                app.settings,
+                client=client,
+                **audit_fields,
+                success=bool(outcome.get("success")),
+                result=outcome.get("message", "cancelled (the server is shutting down)"),
+                **extra,
             )
+
+    task = app.detach(body())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        gone = True
+        raise

@@ -9,7 +9,7 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ..context import HostRequest
-from ..vm.lifecycle import VMManager, VMState
+from ..vm.lifecycle import VMState
 from ..vm.spec import parse_arch
 from ._common import (
     HostArg,
@@ -20,8 +20,6 @@ from ._common import (
     ToolResult,
     VmDirArg,
     app_context,
-    check_paths,
-    check_remote_roots,
     guarded,
 )
 
@@ -61,10 +59,7 @@ async def list_vms(
 
     async def work() -> tuple[str, dict[str, Any]]:
         wanted_arch = parse_arch(arch) if arch else None
-        check_paths(app, request, vm_dir)
-        async with app.host(request) as target:
-            await check_remote_roots(app, request, target, vm_dir)
-            vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
+        async with app.vms(request, vm_dir) as vms:
             listed, problems = await vms.list()
         # Every VM of the directory, before the filters: the metric is the directory's state, not this answer.
         app.metrics.record_vms(request.display_name, vms.vm_dir, (_metric_state(state) for _, state in listed))
@@ -85,10 +80,11 @@ async def list_vms(
         data.update(problems)
         message = f"Successfully obtained {len(rows)} {qualifier}VM{'s' if len(rows) != 1 else ''} {where}"
         if problems:
+            n = sum(map(len, problems.values()))
+            what = "entry that is not a usable VM" if n == 1 else "entries that are not usable VMs"
             message += (
-                f"; {vms.vm_dir} also holds {sum(map(len, problems.values()))} entr"
-                f"{'y' if sum(map(len, problems.values())) == 1 else 'ies'} that are not usable VMs "
-                "(see data.unreadable / data.incomplete; remove those directories or fix the definitions)"
+                f"; {vms.vm_dir} also holds {n} {what} (see data.unreadable / data.incomplete; delete removes "
+                "what an interrupted create made, or fix the definitions)"
             )
         return message, data
 

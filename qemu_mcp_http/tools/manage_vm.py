@@ -9,8 +9,6 @@ from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ..context import HostRequest
-from ..security import audit, client_identity
-from ..vm.lifecycle import VMManager
 from ._common import (
     HostArg,
     SshKeyArg,
@@ -20,9 +18,7 @@ from ._common import (
     ToolResult,
     VmDirArg,
     app_context,
-    check_paths,
-    check_remote_roots,
-    guarded,
+    audited_change,
 )
 
 __all__ = ["ANNOTATIONS", "DESCRIPTION", "manage_vm"]
@@ -33,7 +29,8 @@ ArchArg = Literal["x86_64", "arm64", "amd64", "aarch64"]
 DESCRIPTION = """Full-lifecycle management of a QEMU VM on the local host or a remote host over SSH.
 Actions: create (define the VM and make its disk; does not start it), start, stop (ACPI shutdown, then quit,
 then SIGKILL after stop_timeout), delete (stops it; removes its directory and the disks the tool created),
-modify (memory/vcpus restart a running VM; qcow2 disks can only grow)."""
+modify (memory/vcpus restart a running VM; qcow2 disks can only grow; a change that fails is rolled back).
+A call that has begun runs to its end even if the client goes away."""
 
 ANNOTATIONS = ToolAnnotations(
     title="Manage a QEMU VM", read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
@@ -61,8 +58,14 @@ async def manage_vm(
     vcpus: Annotated[int | None, Field(description="Number of vCPUs for create/modify (create default: 2)")] = None,
     vm_dir: VmDirArg = None,
     stop_timeout: Annotated[
-        float, Field(description="Seconds to wait for the guest's ACPI shutdown (stop, delete, modify)", ge=0)
-    ] = 30.0,
+        float | None,
+        Field(
+            description="Seconds to wait for the guest's ACPI shutdown (stop, delete, modify) before QMP quit; "
+            "default: the server's --stop-timeout (30 s)",
+            ge=0,
+            allow_inf_nan=False,
+        ),
+    ] = None,
     host: HostArg = "localhost",
     ssh_port: SshPortArg = 22,
     ssh_user: SshUserArg = None,
@@ -73,34 +76,22 @@ async def manage_vm(
     request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
     base: dict[str, Any] = {"host": request.display_name, "vm_name": name, "action": action}
 
+    wait = app.settings.stop_timeout if stop_timeout is None else stop_timeout
+
     async def work() -> tuple[str, dict[str, Any]]:
-        check_paths(app, request, vm_dir, disk, iso)
-        async with app.host(request) as target:
-            await check_remote_roots(app, request, target, vm_dir, disk, iso)
-            vms = VMManager(target, vm_dir or app.settings.vm_dir, app.settings, app.shared)
+        async with app.vms(request, vm_dir) as vms:
             if action == "create":
                 details = await vms.create(name, arch, memory, vcpus, disk, iso)
                 return f"VM {name} created successfully", {"details": details}
             if action == "start":
                 message, details = await vms.start(name)
             elif action == "stop":
-                message, details = await vms.stop(name, stop_timeout)
+                message, details = await vms.stop(name, wait)
             elif action == "delete":
-                details = await vms.delete(name, stop_timeout)
+                details = await vms.delete(name, wait)
                 message = f"VM {name} deleted"
             else:
-                message, details = await vms.modify(name, memory, vcpus, disk, stop_timeout)
+                message, details = await vms.modify(name, memory, vcpus, disk, wait)
             return message, {"details": details}
 
-    result = await guarded(work(), base)
-    outcome = result.structured_content or {}
-    await audit(
-        app.settings,
-        client=client_identity(ctx),
-        host=request.display_name,
-        vm=name,
-        action=action,
-        success=bool(outcome.get("success")),
-        result=outcome.get("message"),
-    )
-    return result
+    return await audited_change(app, ctx, work(), base, host=request.display_name, vm=name, action=action)

@@ -13,7 +13,6 @@ from ..context import HostRequest
 from ..errors import QemuMcpError
 from ..metrics.monitor import MonitorRun, monitor_vm
 from ..security import client_identity
-from ..vm.lifecycle import VMManager
 from ._common import (
     HostArg,
     SshKeyArg,
@@ -23,8 +22,6 @@ from ._common import (
     ToolResult,
     VmDirArg,
     app_context,
-    check_paths,
-    check_remote_roots,
     guarded,
 )
 
@@ -46,7 +43,7 @@ async def monitor_vm_status(
     metrics: Annotated[
         Literal["all", "cpu", "memory", "disk", "network"], Field(description="Which metrics to sample")
     ] = "all",
-    interval: Annotated[float, Field(description="Seconds between samples (minimum 1)")] = 5,
+    interval: Annotated[float, Field(description="Seconds between samples (minimum 1)", allow_inf_nan=False)] = 5,
     count: Annotated[int, Field(description="Number of samples; 0 samples until the client cancels")] = 1,
     vm_dir: VmDirArg = None,
     host: HostArg = "localhost",
@@ -74,15 +71,12 @@ async def monitor_vm_status(
         }
 
     async def work() -> tuple[str, dict[str, Any]]:
-        check_paths(app, request, vm_dir)
         settings = app.settings
         client = client_identity(ctx)
         with app.shared.monitor_streams.slot(
             client, settings.max_monitor_streams_per_client, settings.max_monitor_streams
         ):
-            async with app.host(request) as target:
-                await check_remote_roots(app, request, target, vm_dir)
-                vms = VMManager(target, vm_dir or settings.vm_dir, settings, app.shared)
+            async with app.vms(request, vm_dir) as vms:
                 try:
                     # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
                     await app.shared.shutdown.cancel_on_shutdown(
@@ -90,7 +84,8 @@ async def monitor_vm_status(
                     )
                 except QemuMcpError as exc:
                     if run.samples:
-                        exc.message += f" (after {len(run.samples)} samples)"
+                        n = len(run.samples)
+                        exc.message += f" (after {n} sample{'s' if n != 1 else ''})"
                     raise
         n = len(run.samples)
         note = " (stopped at the server's maximum duration)" if run.ended_by == "max_duration" else ""

@@ -79,7 +79,8 @@ def qemu_argv(
             ]  # fmt: skip
         argv += [
             "-drive",
-            f"file={d.iso},if=none,id=cd0,media=cdrom,readonly=on",
+            # An ISO is read as raw, never probed: a file with an image header must not become a qcow2.
+            f"file={d.iso},if=none,id=cd0,media=cdrom,readonly=on,format=raw",
             *cd_device,
         ]
     argv += [

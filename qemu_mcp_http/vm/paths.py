@@ -6,7 +6,17 @@ import posixpath
 from dataclasses import dataclass
 from functools import cached_property
 
-__all__ = ["DEFINITION_FILE", "PID_FILE", "RUNTIME_FILE", "UNIX_PATH_MAX", "VMPaths"]
+__all__ = [
+    "CREATE_JOURNAL",
+    "DEFINITION_FILE",
+    "LOCKS_DIR",
+    "MANAGED_NAMES",
+    "PID_FILE",
+    "RUNTIME_FILE",
+    "UNIX_PATH_MAX",
+    "VM_DIR_MARKERS",
+    "VMPaths",
+]
 
 #: sun_path holds 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -14,6 +24,25 @@ UNIX_PATH_MAX = 107
 DEFINITION_FILE = "vm.json"
 RUNTIME_FILE = "runtime.json"
 PID_FILE = "qemu.pid"
+#: Written first by create, removed last: what an interrupted create made, so that delete can undo it.
+CREATE_JOURNAL = ".create.json"
+LOCKS_DIR = ".locks"
+#: A directory holding one of these is a VM directory (or one being made).
+VM_DIR_MARKERS = (DEFINITION_FILE, CREATE_JOURNAL)
+#: Names of the files the server keeps in a VM directory: never a disk, an ISO or an image, and the only files
+#: delete removes from a VM directory besides a disk the tool created there.
+MANAGED_NAMES = frozenset(
+    {
+        DEFINITION_FILE,
+        RUNTIME_FILE,
+        PID_FILE,
+        CREATE_JOURNAL,
+        "qmp.sock",
+        "qga.sock",
+        "console.log",
+        "efivars.fd",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,11 @@ class VMPaths:
     @cached_property
     def definition(self) -> str:
         return self._file(DEFINITION_FILE)
+
+    @cached_property
+    def journal(self) -> str:
+        """What a create in progress has made (see ``CREATE_JOURNAL``)."""
+        return self._file(CREATE_JOURNAL)
 
     @cached_property
     def runtime(self) -> str:

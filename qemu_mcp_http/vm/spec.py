@@ -8,6 +8,7 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 from typing import Any, Literal
 
 from ..errors import InvalidInput, LimitExceeded
@@ -36,10 +37,13 @@ _ARCH_ALIASES: dict[str, Arch] = {
 }
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+#: Every size a server allows has fewer digits; a longer number is refused before any arithmetic.
+_MAX_SIZE_DIGITS = 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 GIB = 1 << 30
 MIB = 1 << 20
-DEFINITION_VERSION = 1
+#: 2: created disks carry their file identity (device:inode).
+DEFINITION_VERSION = 2
 
 
 def validate_name(name: str | None) -> str:
@@ -74,8 +78,10 @@ def parse_size_bytes(text: str, field_name: str, default_unit: str = "") -> int:
             f"{text!r} is not a size; use a number with K, M, G or T, e.g. 20G or 4096M",
         )
     number, unit = match.groups()
-    value = float(number) * _UNITS[(unit or default_unit).upper()]
-    if value <= 0 or value != int(value):
+    if len(number) > _MAX_SIZE_DIGITS:
+        raise InvalidInput(field_name, f"{text[:30]!r}... is far too large; use e.g. 20G or 4096M")
+    value = Fraction(number) * _UNITS[(unit or default_unit).upper()]  # exact: no float rounding or overflow
+    if value <= 0 or value.denominator != 1:
         raise InvalidInput(field_name, f"{text!r} must be a positive whole number of bytes")
     return int(value)
 
@@ -170,6 +176,9 @@ class DiskDefinition:
     size_bytes: int
     #: True when create made this file; delete only removes files the tool created.
     created_by_tool: bool
+    #: ``device:inode`` of the file create made: delete removes the file at ``path`` only while it is still
+    #: that file, so a definition edited to name another file cannot make delete remove it.
+    identity: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -224,7 +233,45 @@ class VMDefinition:
             raise ValueError(f"not a VM definition: {exc}") from exc
         if definition.arch not in ARCHES or not NAME_RE.fullmatch(definition.name):
             raise ValueError("not a VM definition: bad name or arch")
+        _check_types(definition)
         return definition
 
     def evolve(self, **changes: Any) -> VMDefinition:
         return replace(self, **changes)
+
+
+def _check_types(d: VMDefinition) -> None:
+    """:raise ValueError: a field of a definition read from disk has the wrong type (the file is not ours)."""
+    expected: list[tuple[object, type | tuple[type, ...]]] = [
+        (d.memory_mib, int),
+        (d.vcpus, int),
+        (d.uuid, str),
+        (d.mac, str),
+        (d.created_at, str),
+        (d.machine, str),
+        (d.version, int),
+        (d.extra, dict),
+        (d.iso, (str, type(None))),
+        (d.disk.path, str),
+        (d.disk.size_bytes, int),
+        (d.disk.created_by_tool, bool),
+        (d.disk.identity, (str, type(None))),
+    ]
+    for value, kind in expected:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"not a VM definition: {value!r} has the wrong type")
+    if d.disk.format not in ("qcow2", "raw") or d.memory_mib < 1 or d.vcpus < 1 or d.disk.size_bytes < 0:
+        raise ValueError("not a VM definition: bad disk format, memory or vcpus")
+    # Values that reach QEMU's option strings: a comma would add options of the writer's choosing.
+    for path in (d.disk.path, *([d.iso] if d.iso is not None else [])):
+        try:
+            validate_path(path, "path")
+        except InvalidInput as exc:
+            raise ValueError(f"not a VM definition: {exc.message}") from exc
+    if not _MAC_RE.fullmatch(d.mac) or not _UUID_RE.fullmatch(d.uuid) or not _MACHINE_RE.fullmatch(d.machine):
+        raise ValueError("not a VM definition: bad mac, uuid or machine")
+
+
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MACHINE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,40}")

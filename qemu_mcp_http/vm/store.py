@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import VMNotFound
+from ..errors import VMNotFound, VMStateError
 from ..hosts.base import Host, parse_pid
 from .paths import DEFINITION_FILE, PID_FILE, RUNTIME_FILE, VMPaths
 from .spec import VMDefinition
 
-__all__ = ["ProcessFacts", "VMStore", "parse_pid", "process_matches"]
+__all__ = ["ProcessFacts", "VMEntry", "VMStore", "parse_pid", "process_matches"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,14 @@ def process_matches(cmdline: bytes | None, paths: VMPaths) -> bool:
     return bool(args) and b"qemu-system-" in args[0] and f"unix:{paths.qmp_socket},".encode() in cmdline
 
 
+@dataclass(frozen=True)
+class VMEntry:
+    """What ``<vm_dir>/<name>`` is: nothing, a symbolic link, a directory without a (readable) definition, or a VM."""
+
+    kind: Literal["missing", "symlink", "incomplete", "unreadable", "vm"]
+    definition: VMDefinition | None = None
+
+
 class VMStore:
     """The VMs of one ``vm_dir`` on one host."""
 
@@ -50,17 +59,48 @@ class VMStore:
             paths = self._paths[name] = VMPaths(self.vm_dir, name)
         return paths
 
-    async def load(self, name: str) -> VMDefinition:
-        """:raise VMNotFound: no (readable, valid) definition of ``name``."""
-        path = self.paths(name).definition
-        raw = (await self.host.read_files([path], timeout=self.io_timeout))[path]
+    async def entry(self, name: str) -> VMEntry:
+        """What ``<vm_dir>/<name>`` holds (the directory's ``lstat`` and the definition, read at once)."""
+        paths = self.paths(name)
+        st, raws = await asyncio.gather(
+            self.host.stat(paths.directory, timeout=self.io_timeout),
+            self.host.read_files([paths.definition], timeout=self.io_timeout),
+        )
+        if st is None:
+            return VMEntry("missing")
+        if st.is_symlink:
+            return VMEntry("symlink")
+        if not st.is_dir:
+            return VMEntry("missing")
+        raw = raws[paths.definition]
+        if raw is None:
+            # Missing, or too big / not a regular file: only a missing one means a create cut short.
+            present = await self.host.stat(paths.definition, timeout=self.io_timeout)
+            return VMEntry("unreadable" if present is not None else "incomplete")
         definition = self._decode(name, raw)
-        if definition is None:
-            raise VMNotFound(
-                f"VM {name} not found in {self.vm_dir} on {self.host.name}; "
-                "list_vms shows the VMs there, create makes a new one"
+        return VMEntry("vm", definition) if definition is not None else VMEntry("unreadable")
+
+    async def load(self, name: str) -> VMDefinition:
+        """:raise VMNotFound: no (readable, valid) definition of ``name``.
+        :raise VMStateError: ``<vm_dir>/<name>`` is a symbolic link, which is never followed."""
+        found = await self.entry(name)
+        if found.definition is not None:
+            return found.definition
+        where = f"in {self.vm_dir} on {self.host.name}"
+        if found.kind == "symlink":
+            raise VMStateError(
+                f"{self.paths(name).directory} is a symbolic link, not a VM directory: it is never followed; "
+                "delete removes the link (only the link)"
             )
-        return definition
+        if found.kind == "incomplete":
+            raise VMNotFound(
+                f"VM {name} {where} is incomplete (a create was cut short); delete removes what that create made"
+            )
+        if found.kind == "unreadable":
+            raise VMNotFound(
+                f"the definition of VM {name} {where} is unreadable; fix {self.paths(name).definition} or delete the VM"
+            )
+        raise VMNotFound(f"VM {name} not found {where}; list_vms shows the VMs there, create makes a new one")
 
     async def save(self, definition: VMDefinition) -> None:
         data = json.dumps(definition.to_json(), indent=2, sort_keys=True).encode() + b"\n"
@@ -99,7 +139,8 @@ class VMStore:
             raw = found.files.get(DEFINITION_FILE)
             definition = self._decode(name, raw)
             if definition is None:
-                (broken if raw is not None else incomplete).append(name)
+                unreadable = raw is not None or found.is_symlink or DEFINITION_FILE in found.oversized
+                (broken if unreadable else incomplete).append(name)
                 continue
             paths = self.paths(name)
             pid = parse_pid(found.files.get(PID_FILE))
@@ -111,7 +152,7 @@ class VMStore:
             return None
         try:
             definition = VMDefinition.from_json(json.loads(raw))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             log.warning(
                 "ignoring unreadable definition of %s in %s on %s: %s",
                 name,
