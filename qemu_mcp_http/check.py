@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Literal, TextIO
 
 from .config import Invocation, Settings
-from .context import load_named_hosts
 from .hosts.local import LocalHost
 from .security import load_tokens
+from .targets import load_named_hosts
 from .vm.accel import AccelProbe
 from .vm.argv import ARM64_FIRMWARE
 

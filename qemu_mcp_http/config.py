@@ -62,6 +62,10 @@ class Settings:
     stop_timeout: float = field(default=30.0, metadata={"help": "default wait for a graceful ACPI shutdown"})
     max_stop_timeout: float = field(default=600.0, metadata={"help": "largest stop_timeout a call may ask"})
     kvm_probe_timeout: float = field(default=5.0, metadata={"help": "time the KVM probe may take"})
+    image_copy_timeout: float = field(
+        default=3600.0, metadata={"help": "time a full clone (qemu-img convert of an image) may take"}
+    )
+    max_wait_timeout: float = field(default=3600.0, metadata={"help": "largest wait_timeout of start"})
     lock_timeout: float = field(
         default=90.0,
         metadata={"help": "longest wait for another operation on the same VM (this server's or another process's)"},
@@ -72,6 +76,13 @@ class Settings:
     max_disk_gib: int = field(
         default=16384,
         metadata={"help": "largest disk a tool may create or grow to, GiB"},
+    )
+    # Guest agent (vm_guest).
+    guest_output_limit: int = field(
+        default=1 << 20, metadata={"help": "bytes of stdout and of stderr vm_guest exec returns (the rest is cut)"}
+    )
+    guest_file_limit: int = field(
+        default=8 << 20, metadata={"help": "largest file vm_guest read_file / write_file moves, bytes"}
     )
     # Monitoring.
     monitor_max_duration: float = field(default=86400.0, metadata={"help": "longest monitor_vm_status call"})
@@ -124,6 +135,15 @@ class Settings:
         metadata={"help": "local directories vm_dir, disk and iso paths must lie under (default: vm_dir)"},
     )
     iso_dirs: tuple[str, ...] = field(default=(), metadata={"help": "further local directories ISOs may come from"})
+    image_dirs: tuple[str, ...] = field(
+        default=(), metadata={"help": "further local directories disk images (create's image) may come from"}
+    )
+    forward_address: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "IPv4 address port forwards (ports) bind on the VM's host; 0.0.0.0 exposes them to the network"
+        },
+    )
     ssh_key_dirs: tuple[str, ...] = field(
         default=("~/.ssh",),
         metadata={"help": "directories an ssh_key path must lie under"},
@@ -157,6 +177,10 @@ class Settings:
                 problems.append(f"{f.name} must be a finite number > 0 (got {value!r})")
         if not 0 < self.port < 65536:
             problems.append(f"port must be 1..65535 (got {self.port})")
+        try:
+            ipaddress.IPv4Address(self.forward_address)
+        except ValueError:
+            problems.append(f"forward_address must be an IPv4 address (got {self.forward_address!r})")
         if not os.path.isabs(self.vm_dir):
             problems.append(f"vm_dir must be an absolute path (got {self.vm_dir!r})")
         if not is_loopback(self.host) and not (self.token or self.token_file) and not self.allow_unauthenticated:

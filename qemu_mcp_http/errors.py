@@ -17,11 +17,17 @@ Tree::
      │    └── QemuNotInstalled     the binary is missing on the host
      ├── QMPFailure                the VM's QMP socket misbehaved
      │    └── QMPUnavailable       no QMP endpoint to talk to
-     ├── HostError                 the host (local or SSH) failed us
+     ├── GuestAgentError           the guest agent answered a command with an error
+     │    └── GuestAgentUnavailable  no agent answers (not installed or not running in the guest)
+     ├── HostError                 the host (local or SSH) failed us; hosts raise only these
      │    ├── HostUnreachable      connect refused / timed out / DNS
      │    ├── HostAuthFailed       wrong password or key
      │    ├── HostKeyRejected      unknown or changed host key
+     │    ├── CredentialUnusable   the key file is missing, unreadable or not a usable private key
      │    ├── CommandFailed        a command exited non-zero
+     │    ├── CommandNotFound      a command does not exist on the host (the VM layer maps QEMU's
+     │    │                        to QemuNotInstalled)
+     │    ├── SocketUnavailable    nothing listens on a unix socket (mapped to QMPUnavailable, ...)
      │    └── OperationTimeout     a command or I/O exceeded its timeout
      ├── LimitExceeded             a configured limit would be exceeded
      └── ServerShuttingDown        the server stopped an open-ended call to shut down
@@ -34,6 +40,10 @@ from typing import Any
 
 __all__ = [
     "CommandFailed",
+    "CommandNotFound",
+    "CredentialUnusable",
+    "GuestAgentError",
+    "GuestAgentUnavailable",
     "HostAuthFailed",
     "HostError",
     "HostKeyRejected",
@@ -47,6 +57,7 @@ __all__ = [
     "QemuMcpError",
     "QemuNotInstalled",
     "ServerShuttingDown",
+    "SocketUnavailable",
     "VMExists",
     "VMNotFound",
     "VMStateError",
@@ -113,6 +124,14 @@ class QMPUnavailable(QMPFailure):
     """No QMP endpoint answered (QEMU not running, or its socket is stale)."""
 
 
+class GuestAgentError(QemuMcpError):
+    """The QEMU guest agent answered with an error."""
+
+
+class GuestAgentUnavailable(GuestAgentError):
+    """No guest agent answers: the VM is stopped, or qemu-guest-agent is not installed or not running in it."""
+
+
 class HostError(QemuMcpError):
     """The host (local or over SSH) failed an operation."""
 
@@ -131,6 +150,29 @@ class HostKeyRejected(HostError):
 
 class OperationTimeout(HostError):
     """A command, file operation or QMP call exceeded its timeout."""
+
+
+class CredentialUnusable(HostError):
+    """The SSH key file cannot be used (missing, unreadable, passphrase-protected, not a key)."""
+
+
+class CommandNotFound(HostError):
+    """``argv[0]`` does not exist on the host."""
+
+    def __init__(self, command: str, host: str) -> None:
+        super().__init__(f"{command}: command not found on {host}")
+        self.command = command
+        self.host = host
+
+
+class SocketUnavailable(HostError):
+    """Nothing accepts connections on a unix socket of the host (a stopped VM, a stale socket)."""
+
+    def __init__(self, path: str, host: str, reason: str) -> None:
+        super().__init__(f"nothing listens at {path} on {host}: {reason}")
+        self.path = path
+        self.host = host
+        self.reason = reason
 
 
 class CommandFailed(HostError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
-from .errors import OperationTimeout, QMPFailure, QMPUnavailable
+from .errors import OperationTimeout, QMPFailure, QMPUnavailable, SocketUnavailable
 from .hosts.base import Host
 
 __all__ = ["QMPPool", "QMPSession", "qmp_session"]
@@ -70,7 +70,10 @@ async def _connect(host: Host, socket_path: str, vm: str, timeout: float) -> QMP
     :raise QMPUnavailable: nothing answers on the socket (QEMU not running, stale socket).
     :raise OperationTimeout: the greeting or capabilities negotiation hung.
     """
-    sock = await host.open_unix_socket(socket_path, timeout=timeout)
+    try:
+        sock = await host.open_unix_socket(socket_path, timeout=timeout)
+    except SocketUnavailable as exc:
+        raise QMPUnavailable(f"no QMP endpoint at {socket_path} on {host.name}: {exc.reason}") from exc
     # qemu.qmp logs its own failures at ERROR; they are ours to report (see QMPPool._note), once per VM.
     client = QMPClient(vm)
     client.logger.setLevel(logging.CRITICAL)

@@ -15,6 +15,8 @@ if ((want_tests)); then
     # podman/runc/debootstrap build and run the container image (tests/test_container.py).
     packages+=(openssh-server grub-common grub-pc-bin xorriso mtools cpio busybox-static dpkg-dev procps iproute2)
     packages+=(podman runc debootstrap)
+    # fdisk (sfdisk) partitions the Debian cloud image built by tests/cloudimg/build.sh (with debootstrap, grub-pc-bin).
+    packages+=(fdisk)
 fi
 
 missing=()

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from .guest_image import guest_isos  # noqa: F401 - session fixtures, registered once here
+from .cloud_image import cloud_image  # noqa: F401 - session fixtures, registered once here
+from .debian import debian_pair  # noqa: F401
+from .guest_image import guest_isos  # noqa: F401
+from .inprocess import inproc, inproc_tools, inproc_vm_name  # noqa: F401
 from .sshd import remote_server_fixture, sshd_fixture  # noqa: F401
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
+from .support import ServerProcess, ToolClient, kill_vms_under, open_tools, vm_name_for
 
 
 @pytest.fixture(scope="session")
@@ -32,21 +35,16 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def server(workdir: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
+    (workdir / "vms").mkdir()
+    with ServerProcess(
         vm_dir=workdir / "vms",
         env={
             "QEMU_MCP_ACCEL": os.environ.get("QEMU_MCP_TEST_ACCEL", "auto"),
             # Disks and ISOs of the tests live beside the vm_dir, under the session's directory.
             "QEMU_MCP_ALLOWED_ROOTS": str(workdir),
         },
-    )
-    srv.vm_dir.mkdir()
-    srv.start()
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
-        kill_vms_under(srv.vm_dir)
 
 
 @pytest.fixture
@@ -58,7 +56,7 @@ async def tools(server: ServerProcess) -> AsyncIterator[ToolClient]:
 @pytest.fixture
 def vm_name(request: pytest.FixtureRequest, server: ServerProcess) -> Iterator[str]:
     """A VM name unique to the test; whatever the test leaves running is killed by PID."""
-    name = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:40]
+    name = vm_name_for(request.node.name)
     try:
         yield name
     finally:

@@ -8,8 +8,6 @@ guest costs nothing.  An exclusive ``flock`` on that directory serializes builds
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -20,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from .buildcache import build_directory, link_or_copy, locked, prune_stale
+
 GUEST_SRC = Path(__file__).resolve().parent / "guest"
 ARCHES = ("amd64", "arm64")
 #: What the guest prints on its serial console once network, disk, acpid and the agent are up.
 READY_MARKER = "QEMU-MCP-GUEST-READY"
 #: A cold build of one ISO downloads a kernel (~60 MB for arm64); generous for a slow mirror.
 BUILD_TIMEOUT = 600.0
-#: Cached builds of other guest versions unused for this long are removed.
-STALE_AFTER_S = 7 * 86400
 
 __all__ = ["READY_MARKER", "GuestISOs", "build_guest_isos", "guest_isos", "wait_for_marker"]
 
@@ -42,31 +40,14 @@ class GuestISOs:
         return self.arm64 if arch in ("arm64", "aarch64") else self.amd64
 
 
-def cache_root() -> Path:
-    if configured := os.environ.get("QEMU_MCP_GUEST_CACHE"):
-        return Path(configured)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "qemu-mcp-http" / "guest"
-
-
-def inputs_hash() -> str:
-    """Hash of every file of tests/guest (names and contents): the cache key."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in GUEST_SRC.iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 def build_guest_isos(cache: Path | None = None) -> GuestISOs:
     """Build (or reuse) both ISOs; the two builds run in parallel.
 
     :raise RuntimeError: a build failed; the message holds its output.
     """
-    directory = (cache or cache_root()) / inputs_hash()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = build_directory("QEMU_MCP_GUEST_CACHE", "guest", GUEST_SRC, cache)
     began = time.monotonic()
-    with open(directory / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    with locked(directory):
         for leftover in directory.glob(".build-*"):  # of a build killed before its own cleanup ran
             shutil.rmtree(leftover, ignore_errors=True)
         isos = {arch: directory / f"guest-{arch}.iso" for arch in ARCHES}
@@ -99,34 +80,8 @@ def build_guest_isos(cache: Path | None = None) -> GuestISOs:
                     proc.wait()
         if failures:
             raise RuntimeError("\n".join(failures))
-        os.utime(directory)  # in use: not stale
-    _prune_stale(directory)
+    prune_stale(directory)
     return GuestISOs(amd64=isos["amd64"], arm64=isos["arm64"], build_seconds=round(time.monotonic() - began, 2))
-
-
-def _prune_stale(current: Path) -> None:
-    """Remove builds of other guest versions unused for a week, unless a run holds their lock."""
-    for other in current.parent.iterdir():
-        if other == current or not other.is_dir() or time.time() - other.stat().st_mtime < STALE_AFTER_S:
-            continue
-        try:
-            with open(other / ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(other)
-        except OSError:
-            continue
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link when on the same filesystem, else a copy: the server resolves symlinks before its root check."""
-    if target.exists():
-        return
-    try:
-        os.link(source, target)
-    except OSError:
-        tmp = target.with_suffix(".part")
-        shutil.copyfile(source, tmp)
-        tmp.rename(target)
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +96,7 @@ def guest_isos(workdir: Path) -> GuestISOs:
     placed = {}
     for arch in ARCHES:
         placed[arch] = target / f"guest-{arch}.iso"
-        _link_or_copy(built.for_arch(arch), placed[arch])
+        link_or_copy(built.for_arch(arch), placed[arch])
     return GuestISOs(amd64=placed["amd64"], arm64=placed["arm64"], build_seconds=built.build_seconds)
 
 

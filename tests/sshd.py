@@ -26,21 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from .support import ServerProcess, kill_vms_under
+from .support import ServerProcess, free_port, kill_vms_under
 
 SSHD = "/usr/sbin/sshd"
 USER = "qmhtest"
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
-
-
 def _can_bind(address: str) -> bool:
     try:
-        _free_port(address)
+        free_port(address)
     except OSError:
         return False
     return True
@@ -195,7 +189,7 @@ LogLevel VERBOSE
         """A port of the sshd's address where nothing listens (a refused connection)."""
         if self.netns:
             return self.port + 1 if self.port < 65535 else self.port - 1
-        return _free_port(self.address)
+        return free_port(self.address)
 
     def connection_pids(self) -> list[int]:
         """The per-connection sshd processes (each connection: a privileged monitor and its session child)."""
@@ -237,7 +231,7 @@ def sshd_fixture() -> Iterator[SSHServer]:
     else:
         address = "127.0.0.2" if _can_bind("127.0.0.2") else "127.0.0.1"
         second = "127.0.0.1" if address != "127.0.0.1" else "localhost"
-        server = SSHServer(root, address, _free_port(address), password, second_address=second)
+        server = SSHServer(root, address, free_port(address), password, second_address=second)
     try:
         server.setup()
         server.start()
@@ -270,8 +264,10 @@ def remote_server_fixture(sshd: SSHServer) -> Iterator[ServerProcess]:
             }
         )
     )
-    srv = ServerProcess(
+    with ServerProcess(
         vm_dir=local_vms,
+        # The remote VMs (under sshd.vm_dir) are killed by PID too, with the local ones.
+        reap_under=sshd.root,
         env={
             "QEMU_MCP_ACCEL": "tcg",
             "QEMU_MCP_ALLOWED_ROOTS": str(sshd.root),
@@ -283,10 +279,5 @@ def remote_server_fixture(sshd: SSHServer) -> Iterator[ServerProcess]:
             "QEMU_MCP_SSH_HOSTS_FILE": str(named),
             "QEMU_MCP_LOG_LEVEL": "DEBUG",
         },
-    )
-    srv.start()
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
-        kill_vms_under(sshd.vm_dir)

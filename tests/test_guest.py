@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .guest_image import GuestISOs, build_guest_isos, cache_root, inputs_hash, wait_for_marker
+from .buildcache import build_directory
+from .guest_image import GUEST_SRC, GuestISOs, build_guest_isos, wait_for_marker
 from .support import ServerProcess, ToolClient
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ def test_cache_reused_and_locked(guest_isos: GuestISOs) -> None:
     began = time.monotonic()
     again = build_guest_isos()
     assert time.monotonic() - began < 1.0
-    assert again.amd64.parent == cache_root() / inputs_hash()
+    assert again.amd64.parent == build_directory("QEMU_MCP_GUEST_CACHE", "guest", GUEST_SRC)
     assert again.amd64.stat().st_size == guest_isos.amd64.stat().st_size > 1 << 20
     assert again.arm64.stat().st_size == guest_isos.arm64.stat().st_size > 1 << 20
 

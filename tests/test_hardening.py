@@ -9,7 +9,6 @@ the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -26,7 +25,17 @@ import httpx2 as httpx
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools, wait_for
+from .inprocess import InProcess
+from .support import (
+    ServerProcess,
+    ToolClient,
+    kill_groups,
+    open_tools,
+    pid_of,
+    pids_running,
+    slow_command_path,
+    wait_for,
+)
 
 QUICK = 1.0  # no guest answers ACPI here: stop falls through to QMP quit after this
 
@@ -49,23 +58,21 @@ def env() -> Iterator[Env]:
     outside = Path(tempfile.mkdtemp(prefix="qmho-", dir="/tmp"))
     (outside / "secret.txt").write_text("outside secret\n")
     audit = root / "audit.log"
-    server = ServerProcess(
-        vm_dir=root / "vms",
-        env={
-            "QEMU_MCP_ACCEL": "tcg",
-            "QEMU_MCP_ALLOWED_ROOTS": str(root),
-            "QEMU_MCP_LOCK_TIMEOUT": "3",
-            "QEMU_MCP_QMP_TIMEOUT": "1",
-            "QEMU_MCP_AUDIT_LOG": str(audit),
-        },
-    )
-    server.vm_dir.mkdir()
-    server.start()
+    (root / "vms").mkdir()
     try:
-        yield Env(server, root, outside, audit)
+        with ServerProcess(
+            vm_dir=root / "vms",
+            reap_under=root,
+            env={
+                "QEMU_MCP_ACCEL": "tcg",
+                "QEMU_MCP_ALLOWED_ROOTS": str(root),
+                "QEMU_MCP_LOCK_TIMEOUT": "3",
+                "QEMU_MCP_QMP_TIMEOUT": "1",
+                "QEMU_MCP_AUDIT_LOG": str(audit),
+            },
+        ) as server:
+            yield Env(server, root, outside, audit)
     finally:
-        server.stop()
-        kill_vms_under(root)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(outside, ignore_errors=True)
 
@@ -78,10 +85,6 @@ async def t(env: Env) -> Any:
 
 def qemu_img(*args: str) -> None:
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
-def pid_of(env: Env, name: str) -> int:
-    return int((env.vm_dir / name / "qemu.pid").read_text())
 
 
 def open_files(pid: int) -> set[str]:
@@ -113,7 +116,7 @@ async def test_existing_disk_naming_an_outside_backing_file_is_refused(t: ToolCl
     await t.ok("manage_vm", **create_args("g3", iso=str(planted), disk="size=16M"))
     await t.ok("manage_vm", name="g3", action="start")
     try:
-        pid = pid_of(env, "g3")
+        pid = pid_of(env.vm_dir, "g3")
         assert str(planted) in open_files(pid)
         assert str(env.outside / "secret.txt") not in open_files(pid)
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -281,7 +284,8 @@ async def test_huge_runtime_files_are_not_read(t: ToolClient, env: Env) -> None:
     await t.ok("manage_vm", name="bloated", action="delete")
 
 
-async def test_non_finite_and_huge_numbers_are_refused(t: ToolClient, env: Env) -> None:
+async def test_non_finite_and_huge_numbers_are_refused(inproc_tools: ToolClient) -> None:
+    t = inproc_tools  # answers of validation: the app in this process gives them as a server does
     for bad in ("nan", "inf", "-inf", 1e300):
         answer = await t.fails("manage_vm", name="nobody", action="stop", stop_timeout=bad)
         assert "stop_timeout" in answer["message"], (bad, answer)
@@ -310,13 +314,14 @@ async def test_a_second_call_waits_at_most_the_lock_timeout(t: ToolClient, env: 
     await t.ok("manage_vm", name="busy", action="delete")
 
 
-async def test_unknown_names_leave_no_lock_file(t: ToolClient, env: Env) -> None:
+async def test_unknown_names_leave_no_lock_file(inproc_tools: ToolClient, inproc: InProcess) -> None:
+    t = inproc_tools
     for action in ("start", "stop", "delete", "modify"):
         answer = await t.fails("manage_vm", name="ghost", action=action, memory="256M")
         assert answer["data"]["error"] == "VMNotFound", answer
-    refused = await t.fails("manage_vm", **create_args("ghost", iso=str(env.root / "missing.iso")))
+    refused = await t.fails("manage_vm", **create_args("ghost", iso=str(inproc.root / "missing.iso")))
     assert "iso" in refused["message"]
-    assert not (env.vm_dir / ".locks" / "ghost.lock").exists()
+    assert not (inproc.vm_dir / ".locks" / "ghost.lock").exists()
 
 
 async def test_metrics_series_stay_bounded(t: ToolClient, env: Env) -> None:
@@ -372,31 +377,15 @@ async def test_a_client_that_goes_away_leaves_a_finished_and_audited_change(env:
         await t.ok("manage_vm", name="abandoned", action="delete")
 
 
-def slow_cp_path(bin_dir: Path) -> str:
-    bin_dir.mkdir(exist_ok=True)
-    real = shutil.which("cp")
-    assert real
-    shim = bin_dir / "cp"
-    shim.write_text(f'#!/bin/sh\ncase "$*" in *AAVMF*) sleep 30 ;; esac\nexec {real} "$@"\n')
-    shim.chmod(0o755)
-    return f"{bin_dir}:{os.environ['PATH']}"
-
-
 async def test_delete_cleans_what_an_interrupted_create_made(env: Env) -> None:
     """The server dies after create made a disk outside the VM directory; delete removes that disk and the rest."""
     vm_dir = env.root / "crash2"
     vm_dir.mkdir()
     outside_disk = env.root / "made-by-create.qcow2"
-    srv = ServerProcess(
-        vm_dir=vm_dir,
-        env={
-            "QEMU_MCP_ACCEL": "tcg",
-            "QEMU_MCP_ALLOWED_ROOTS": str(env.root),
-            "PATH": slow_cp_path(env.root / "slow-bin"),
-        },
-    )
-    srv.start()
-    try:
+    # Copying the arm64 UEFI variables sleeps: the server can be killed after create made the disk.
+    slow = slow_command_path(env.root / "slow-bin", "cp", when_args_match="*AAVMF*")
+    roots = {"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_ALLOWED_ROOTS": str(env.root)}
+    with ServerProcess(vm_dir=vm_dir, env={**roots, "PATH": slow}) as srv:
         try:
             async with open_tools(srv.url) as t:
                 args = {**create_args("cut"), "arch": "arm64", "disk": f"path={outside_disk},size=16M"}
@@ -412,20 +401,13 @@ async def test_delete_cleans_what_an_interrupted_create_made(env: Env) -> None:
                 await asyncio.gather(create, return_exceptions=True)
         except* (httpx.HTTPError, MCPError):
             pass  # the session dies with the server: that is the point
-        shims = subprocess.run(["pgrep", "-f", f"{env.root}/slow-bin/cp"], capture_output=True, text=True).stdout
-        for pid in map(int, shims.split()):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # the server starts every command in its own session
-        srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_ALLOWED_ROOTS": str(env.root)})
-        srv.start()
-        async with open_tools(srv.url) as t:
-            assert (await t.ok("list_vms"))["data"]["incomplete"] == ["cut"]
-            deleted = (await t.ok("manage_vm", name="cut", action="delete"))["data"]["details"]
-            assert str(outside_disk) in deleted["removed"] and str(vm_dir / "cut") in deleted["removed"], deleted
-            assert not outside_disk.exists() and not (vm_dir / "cut").exists()
-    finally:
-        srv.stop()
-        kill_vms_under(vm_dir)
+        kill_groups(pids_running(f"{env.root}/slow-bin/cp"))  # the orphaned cp of the dead server, with its sleep
+        with ServerProcess(vm_dir=vm_dir, env=roots) as srv:
+            async with open_tools(srv.url) as t:
+                assert (await t.ok("list_vms"))["data"]["incomplete"] == ["cut"]
+                deleted = (await t.ok("manage_vm", name="cut", action="delete"))["data"]["details"]
+                assert str(outside_disk) in deleted["removed"] and str(vm_dir / "cut") in deleted["removed"], deleted
+                assert not outside_disk.exists() and not (vm_dir / "cut").exists()
 
 
 async def test_a_vm_directory_replaced_by_a_link_is_never_followed(t: ToolClient, env: Env) -> None:
@@ -446,12 +428,13 @@ async def test_a_vm_directory_replaced_by_a_link_is_never_followed(t: ToolClient
 # -- 7. small things ---------------------------------------------------------------------------------
 
 
-async def test_unknown_tools_and_arguments_get_the_envelope(t: ToolClient, env: Env) -> None:
+async def test_unknown_tools_and_arguments_get_the_envelope(inproc_tools: ToolClient, inproc: InProcess) -> None:
+    t = inproc_tools
     answer = await t.fails("nosuchtool", name="x")
     assert "Unknown tool 'nosuchtool'" in answer["message"] and "manage_vm" in answer["message"]
     misspelled = await t.fails("manage_vm", **create_args("typo"), memroy="8G")
     assert "'memroy'" in misspelled["message"] and "memory" in misspelled["message"], misspelled
-    assert not (env.vm_dir / "typo").exists()
+    assert not (inproc.vm_dir / "typo").exists()
     tools = (await t.client.list_tools()).tools
     assert all(tool.input_schema.get("additionalProperties") is False for tool in tools)
 
@@ -459,7 +442,7 @@ async def test_unknown_tools_and_arguments_get_the_envelope(t: ToolClient, env: 
 async def test_singular_sample_and_a_stopped_vm_logged_once(t: ToolClient, env: Env) -> None:
     await t.ok("manage_vm", **create_args("frozen", disk="size=16M"))
     await t.ok("manage_vm", name="frozen", action="start")
-    pid = pid_of(env, "frozen")
+    pid = pid_of(env.vm_dir, "frozen")
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         if progress == 1:
@@ -475,7 +458,7 @@ async def test_singular_sample_and_a_stopped_vm_logged_once(t: ToolClient, env: 
     if len(envelope["data"]["metrics_data"]) == 1:
         assert "(after 1 sample)" in envelope["message"], envelope["message"]
     await t.ok("manage_vm", name="frozen", action="start")
-    pid = pid_of(env, "frozen")
+    pid = pid_of(env.vm_dir, "frozen")
     os.kill(pid, signal.SIGSTOP)
     try:
         await asyncio.sleep(2.5)  # past the QMP pool's idle time: each call must connect again

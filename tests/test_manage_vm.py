@@ -10,27 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools, wait_for
+from .inprocess import InProcess
+from .support import ServerProcess, ToolClient, alive, open_tools, pid_of, wait_for
 
 # A guest without media never answers ACPI: a short stop_timeout makes stop fall through to QMP quit quickly.
 QUICK_STOP = 1.0
 
 
-def pid_of(vm_dir: Path, name: str) -> int:
-    return int((vm_dir / name / "qemu.pid").read_text())
-
-
-def alive(pid: int) -> bool:
-    """A live process (a zombie waiting for init to reap it has an empty cmdline)."""
-    try:
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
-    except OSError:
-        return False
-
-
-async def test_tools_and_schemas(tools: ToolClient) -> None:
-    listed = {t.name: t for t in (await tools.client.list_tools()).tools}
-    assert set(listed) == {"manage_vm", "list_vms", "monitor_vm_status"}
+async def test_tools_and_schemas(inproc_tools: ToolClient) -> None:
+    listed = {t.name: t for t in (await inproc_tools.client.list_tools()).tools}
+    assert set(listed) == {"manage_vm", "list_vms", "monitor_vm_status", "vm_guest"}
+    assert listed["vm_guest"].annotations is not None and listed["vm_guest"].annotations.destructive_hint is True
     manage = listed["manage_vm"]
     props = manage.input_schema["properties"]
     for param in ("name", "action", "arch", "memory", "disk", "iso", "vcpus", "vm_dir", "host", "ssh_port"):
@@ -156,10 +146,8 @@ async def test_killed_vm_shows_stopped_and_restarts(tools: ToolClient, server: S
 
 
 async def test_vms_outlive_server_restart(workdir: Path) -> None:
-    srv = ServerProcess(vm_dir=workdir / "restart-vms", env={"QEMU_MCP_ACCEL": "tcg"})
-    srv.vm_dir.mkdir()
-    try:
-        srv.start()
+    (workdir / "restart-vms").mkdir()
+    with ServerProcess(vm_dir=workdir / "restart-vms", env={"QEMU_MCP_ACCEL": "tcg"}) as srv:
         async with open_tools(srv.url) as t:
             await t.ok("manage_vm", name="survivor", action="create", arch="x86_64", memory="128M", vcpus=1)
             await t.ok("manage_vm", name="idle", action="create", arch="x86_64", memory="128M", vcpus=1)
@@ -173,9 +161,6 @@ async def test_vms_outlive_server_restart(workdir: Path) -> None:
             assert {v["name"]: v["status"] for v in listed["data"]["vms"]} == {"survivor": "running", "idle": "stopped"}
             await t.ok("manage_vm", name="survivor", action="stop", stop_timeout=QUICK_STOP)
         assert not alive(pid)
-    finally:
-        srv.stop()
-        kill_vms_under(srv.vm_dir)
 
 
 @pytest.mark.parametrize(
@@ -201,19 +186,23 @@ async def test_vms_outlive_server_restart(workdir: Path) -> None:
     ],
 )
 async def test_bad_input(
-    tools: ToolClient, server: ServerProcess, vm_name: str, arguments: dict[str, object], field_fragment: str
+    inproc_tools: ToolClient,
+    inproc: InProcess,
+    inproc_vm_name: str,
+    arguments: dict[str, object],
+    field_fragment: str,
 ) -> None:
-    answer = await tools.fails("manage_vm", name=vm_name, **arguments)
+    answer = await inproc_tools.fails("manage_vm", name=inproc_vm_name, **arguments)
     assert field_fragment.lower() in answer["message"].lower(), answer
     assert "Traceback" not in json.dumps(answer)
-    assert not (server.vm_dir / vm_name).exists()  # nothing half-done
+    assert not (inproc.vm_dir / inproc_vm_name).exists()  # nothing half-done
 
 
 @pytest.mark.parametrize("name", ["-rf", "../etc", "a b", "x" * 64, ""])
-async def test_unsafe_names(tools: ToolClient, server: ServerProcess, name: str) -> None:
-    answer = await tools.fails("manage_vm", name=name, action="create", arch="x86_64")
+async def test_unsafe_names(inproc_tools: ToolClient, inproc: InProcess, name: str) -> None:
+    answer = await inproc_tools.fails("manage_vm", name=name, action="create", arch="x86_64")
     assert "name" in answer["message"]
-    assert sorted(p.name for p in server.vm_dir.iterdir() if p.name.startswith(("-", ".."))) == []
+    assert sorted(p.name for p in inproc.vm_dir.iterdir() if p.name.startswith(("-", ".."))) == []
 
 
 async def test_duplicate_and_modify_errors(tools: ToolClient, server: ServerProcess, vm_name: str) -> None:
@@ -231,11 +220,11 @@ async def test_duplicate_and_modify_errors(tools: ToolClient, server: ServerProc
     await tools.ok("manage_vm", name=vm_name, action="delete")
 
 
-async def test_list_vms_bad_input(tools: ToolClient) -> None:
-    assert "status" in (await tools.fails("list_vms", status="paused"))["message"]
-    assert "arch" in (await tools.fails("list_vms", arch="sparc"))["message"]
-    assert "vm_dir" in (await tools.fails("list_vms", vm_dir="not/absolute"))["message"]
-    outside = await tools.fails("list_vms", vm_dir="/etc")
+async def test_list_vms_bad_input(inproc_tools: ToolClient) -> None:
+    assert "status" in (await inproc_tools.fails("list_vms", status="paused"))["message"]
+    assert "arch" in (await inproc_tools.fails("list_vms", arch="sparc"))["message"]
+    assert "vm_dir" in (await inproc_tools.fails("list_vms", vm_dir="not/absolute"))["message"]
+    outside = await inproc_tools.fails("list_vms", vm_dir="/etc")
     assert "outside the directories this server allows" in outside["message"]
 
 
@@ -248,17 +237,14 @@ async def test_qemu_missing(workdir: Path, server: ServerProcess, vm_name: str) 
             target = bin_dir / entry.name
             if not entry.name.startswith("qemu-system-") and not target.exists():
                 target.symlink_to(entry)
-    srv = ServerProcess(
+    with ServerProcess(
         vm_dir=server.vm_dir,
         env={"PATH": str(bin_dir), "QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_ALLOWED_ROOTS": str(workdir)},
-    )
-    try:
-        srv.start()
+        reap_under=server.vm_dir / vm_name,  # the vm_dir is the session server's: only this test's VM
+    ) as srv:
         async with open_tools(srv.url) as t:
             await t.ok("manage_vm", name=vm_name, action="create", arch="x86_64", memory="128M")
             answer = await t.fails("manage_vm", name=vm_name, action="start")
             assert "qemu-system-x86_64: command not found" in answer["message"]
             assert (await t.ok("list_vms", filter_name=vm_name))["data"]["vms"][0]["status"] == "stopped"
             await t.ok("manage_vm", name=vm_name, action="delete")
-    finally:
-        srv.stop()

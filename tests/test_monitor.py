@@ -20,7 +20,7 @@ import httpx2 as httpx
 import pytest
 
 from .guest_image import GuestISOs, wait_for_marker
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
+from .support import ServerProcess, ToolClient, alive, kill_vms_under, open_tools
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +65,6 @@ async def guest(server: ServerProcess, guest_isos: GuestISOs) -> AsyncIterator[G
             yield Guest(VM, int(started["data"]["details"]["pid"]), boot)
     finally:
         kill_vms_under(server.vm_dir / VM)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
-    except OSError:
-        return False
 
 
 async def monitor(tools: ToolClient, progress: Progress | None = None, **arguments: Any) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qemu_mcp_http import __version__
 
+from .inprocess import open_app
 from .sshd import SSHServer
-from .support import ServerProcess, free_port, kill_vms_under, open_tools
+from .support import ServerProcess, free_port, open_tools
 
 
 @dataclass
@@ -48,7 +49,7 @@ def ops(workdir: Path) -> Iterator[OpsServer]:
     (workdir / "ops-known-hosts").write_text("")
     vm_dir = workdir / "ops-vms"
     vm_dir.mkdir()
-    srv = ServerProcess(
+    with ServerProcess(
         vm_dir=vm_dir,
         env={
             "QEMU_MCP_TOKEN_FILE": str(workdir / "ops-tokens"),
@@ -57,13 +58,8 @@ def ops(workdir: Path) -> Iterator[OpsServer]:
             "QEMU_MCP_ALLOWED_ROOTS": str(vm_dir),
             "QEMU_MCP_SSH_KNOWN_HOSTS": str(workdir / "ops-known-hosts"),
         },
-    )
-    srv.start()
-    try:
+    ) as srv:
         yield OpsServer(srv, token)
-    finally:
-        srv.stop()
-        kill_vms_under(vm_dir)
 
 
 async def scrape(ops: OpsServer | ServerProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -157,15 +153,18 @@ async def test_ssh_pool_metrics(remote_server: ServerProcess, sshd: SSHServer) -
     assert value(after, "qemu_mcp_vms", host="lab", vm_dir=str(sshd.vm_dir), state="stopped") >= 1
 
 
-async def test_metrics_need_the_token(ops: OpsServer) -> None:
+async def test_metrics_need_the_token(tmp_path: Path) -> None:
     """With a token configured, /metrics wants it as /mcp does; /healthz stays open for health checks."""
-    async with httpx.AsyncClient(timeout=10) as http:
-        assert (await http.get(ops.metrics_url)).status_code == 401
-        wrong = await http.get(ops.metrics_url, headers={"Authorization": "Bearer " + "x" * len(ops.token)})
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "ops-tokens").write_text(f"scraper {token}\n")
+    async with open_app(tmp_path, token_file=str(tmp_path / "ops-tokens")) as app:
+        http = app.http
+        assert (await http.get("/metrics")).status_code == 401
+        wrong = await http.get("/metrics", headers={"Authorization": "Bearer " + "x" * len(token)})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-        assert (await http.get(ops.metrics_url, headers={"Authorization": ops.token})).status_code == 401
-        assert (await http.get(ops.metrics_url, headers=ops.auth)).status_code == 200
-        assert (await http.get(f"http://127.0.0.1:{ops.srv.port}/healthz")).status_code == 200
+        assert (await http.get("/metrics", headers={"Authorization": token})).status_code == 401
+        assert (await http.get("/metrics", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+        assert (await http.get("/healthz")).status_code == 200
 
 
 async def test_json_logs_carry_the_call_and_no_secret(ops: OpsServer) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qemu_mcp_http.metrics.parse import (
+from qemu_mcp_http.monitoring.parse import (
     block_sizes,
     blockstats_by_device,
     guest_nic_stats,

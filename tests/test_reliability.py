@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +17,17 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools, wait_for
-
-
-def pid_of(vm_dir: Path, name: str) -> int:
-    return int((vm_dir / name / "qemu.pid").read_text())
+from .support import (
+    ServerProcess,
+    ToolClient,
+    kill_groups,
+    kill_vms_under,
+    open_tools,
+    pid_of,
+    pids_running,
+    slow_command_path,
+    wait_for,
+)
 
 
 def fds_and_rss(pid: int) -> tuple[int, int]:
@@ -36,17 +40,12 @@ def fds_and_rss(pid: int) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def fault_server(workdir: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
+    (workdir / "fault-vms").mkdir()
+    with ServerProcess(
         vm_dir=workdir / "fault-vms",
         env={"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_QMP_TIMEOUT": "1", "QEMU_MCP_MAX_MONITOR_STREAMS_PER_CLIENT": "64"},
-    )
-    srv.vm_dir.mkdir()
-    srv.start()
-    try:
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
-        kill_vms_under(srv.vm_dir)
 
 
 async def make_running(t: ToolClient, name: str) -> None:
@@ -170,10 +169,9 @@ async def test_load_without_leaks(fault_server: ServerProcess) -> None:
 
 async def test_lock_file_shared_with_another_process(workdir: Path) -> None:
     """A second server process on the same vm_dir takes the same per-VM lock file (here: the test holds it)."""
-    srv = ServerProcess(vm_dir=workdir / "lock-vms", env={"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_LOCK_TIMEOUT": "1"})
-    srv.vm_dir.mkdir()
-    srv.start()
-    try:
+    (workdir / "lock-vms").mkdir()
+    env = {"QEMU_MCP_ACCEL": "tcg", "QEMU_MCP_LOCK_TIMEOUT": "1"}
+    with ServerProcess(vm_dir=workdir / "lock-vms", env=env) as srv:
         async with open_tools(srv.url) as t:
             await t.ok(
                 "manage_vm", name="locked", action="create", arch="x86_64", memory="64M", vcpus=1, disk="size=16M"
@@ -194,92 +192,63 @@ async def test_lock_file_shared_with_another_process(workdir: Path) -> None:
             await t.ok("manage_vm", name="locked", action="delete", stop_timeout=1)
             listed = await t.ok("list_vms")
             assert listed["data"]["vm_count"] == 0 and "incomplete" not in listed["data"]
-    finally:
-        srv.stop()
-        kill_vms_under(srv.vm_dir)
-
-
-def pids_running(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
-    return [int(p) for p in found.stdout.split()]
-
-
-def kill_groups(pids: list[int]) -> None:
-    # The server starts every command in its own session, so each pid leads its process group.
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-def slow_qemu_img_path(bin_dir: Path) -> str:
-    """A PATH whose qemu-img sleeps first, so that the server can be killed in the middle of create."""
-    bin_dir.mkdir()
-    real = shutil.which("qemu-img")
-    assert real
-    shim = bin_dir / "qemu-img"
-    shim.write_text(f'#!/bin/sh\n[ "$1" = create ] && sleep 30\nexec {real} "$@"\n')
-    shim.chmod(0o755)
-    return f"{bin_dir}:{os.environ['PATH']}"
 
 
 async def test_server_killed_during_create(workdir: Path) -> None:
     vm_dir = workdir / "crash-vms"
     vm_dir.mkdir()
-    env = {"QEMU_MCP_ACCEL": "tcg", "PATH": slow_qemu_img_path(workdir / "crash-bin")}
-    srv = ServerProcess(vm_dir=vm_dir, env=env)
-    srv.start()
+    # qemu-img create sleeps first: the server can be killed in the middle of create.
+    slow = slow_command_path(workdir / "crash-bin", "qemu-img", when_args_match="create *")
     shims: list[int] = []
     try:
-        try:
-            async with open_tools(srv.url) as t:
-                create = asyncio.create_task(
-                    t.call("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
-                )
+        with ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg", "PATH": slow}) as srv:
+            try:
+                async with open_tools(srv.url) as t:
+                    create = asyncio.create_task(
+                        t.call("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
+                    )
 
-                async def shim_running() -> bool:
-                    shims[:] = pids_running(f"{workdir}/crash-bin/qemu-img create")
-                    return bool(shims)
+                    async def shim_running() -> bool:
+                        shims[:] = pids_running(f"{workdir}/crash-bin/qemu-img create")
+                        return bool(shims)
 
-                assert await wait_for(shim_running, 10)
-                assert (vm_dir / "halfway").is_dir()
-                srv.stop(signal.SIGKILL)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(create, 10)
-        except* (httpx.HTTPError, MCPError):
-            pass  # the session dies with the server: that is the point
-        kill_groups(shims)  # the orphaned qemu-img of the dead server, with its sleep
+                    assert await wait_for(shim_running, 10)
+                    assert (vm_dir / "halfway").is_dir()
+                    srv.stop(signal.SIGKILL)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(create, 10)
+            except* (httpx.HTTPError, MCPError):
+                pass  # the session dies with the server: that is the point
+            kill_groups(shims)  # the orphaned qemu-img of the dead server, with its sleep
 
-        srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
-        srv.start()
-        async with open_tools(srv.url) as t:
-            listed = await t.ok("list_vms")
-            assert listed["data"]["vm_count"] == 0  # never counted as a VM ...
-            assert listed["data"]["incomplete"] == ["halfway"]  # ... but reported
-            assert "1 entry that is not a usable VM" in listed["message"]
-            again = await t.fails("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
-            assert "holds no VM definition" in again["message"] and "delete removes" in again["message"]
-            # delete cleans what the interrupted create made (its directory and journal), and only that.
-            cleaned = await t.ok("manage_vm", name="halfway", action="delete")
-            assert cleaned["data"]["details"]["removed"] == [str(vm_dir / "halfway")], cleaned
-            assert "incomplete" in cleaned["data"]["details"]["note"]
-            assert not (vm_dir / "halfway").exists() and not (vm_dir / ".locks" / "halfway.lock").exists()
-            await t.ok("manage_vm", name="halfway", action="create", arch="x86_64", memory="64M", disk="size=16M")
-            listed = await t.ok("list_vms")
-            assert listed["data"]["vm_count"] == 1 and "incomplete" not in listed["data"]
-            await t.ok("manage_vm", name="halfway", action="delete")
+            with ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"}) as srv:
+                async with open_tools(srv.url) as t:
+                    listed = await t.ok("list_vms")
+                    assert listed["data"]["vm_count"] == 0  # never counted as a VM ...
+                    assert listed["data"]["incomplete"] == ["halfway"]  # ... but reported
+                    assert "1 entry that is not a usable VM" in listed["message"]
+                    again = await t.fails("manage_vm", name="halfway", action="create", arch="x86_64", disk="size=16M")
+                    assert "holds no VM definition" in again["message"] and "delete removes" in again["message"]
+                    # delete cleans what the interrupted create made (its directory and journal), and only that.
+                    cleaned = await t.ok("manage_vm", name="halfway", action="delete")
+                    assert cleaned["data"]["details"]["removed"] == [str(vm_dir / "halfway")], cleaned
+                    assert "incomplete" in cleaned["data"]["details"]["note"]
+                    assert not (vm_dir / "halfway").exists() and not (vm_dir / ".locks" / "halfway.lock").exists()
+                    await t.ok(
+                        "manage_vm", name="halfway", action="create", arch="x86_64", memory="64M", disk="size=16M"
+                    )
+                    listed = await t.ok("list_vms")
+                    assert listed["data"]["vm_count"] == 1 and "incomplete" not in listed["data"]
+                    await t.ok("manage_vm", name="halfway", action="delete")
     finally:
-        srv.stop()
         kill_groups(shims)
-        kill_vms_under(vm_dir)
 
 
 async def test_monitor_cut_by_server_restart(workdir: Path) -> None:
     """SIGTERM while a count=0 monitor streams: the client's call ends with an error, the VM runs on."""
     vm_dir = workdir / "monitor-restart-vms"
     vm_dir.mkdir()
-    srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
-    srv.start()
-    try:
+    with ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"}) as srv:
         async with open_tools(srv.url) as t:
             await make_running(t, "steady")
         pid = pid_of(vm_dir, "steady")
@@ -321,15 +290,11 @@ async def test_monitor_cut_by_server_restart(workdir: Path) -> None:
         assert envelope["data"]["count"] >= 2  # the samples taken are kept
         assert Path(f"/proc/{pid}").exists(), "the VM must survive the server"
 
-        srv = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
-        srv.start()
-        async with open_tools(srv.url) as t:
-            vm = (await t.ok("list_vms", filter_name="steady"))["data"]["vms"][0]
-            assert vm["status"] == "running" and vm["pid"] == pid
-            await t.ok("manage_vm", name="steady", action="delete", stop_timeout=1)
-    finally:
-        srv.stop()
-        kill_vms_under(vm_dir)
+        with ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"}) as srv:
+            async with open_tools(srv.url) as t:
+                vm = (await t.ok("list_vms", filter_name="steady"))["data"]["vms"][0]
+                assert vm["status"] == "running" and vm["pid"] == pid
+                await t.ok("manage_vm", name="steady", action="delete", stop_timeout=1)
 
 
 async def test_two_servers_share_a_vm_dir(workdir: Path) -> None:
@@ -337,11 +302,10 @@ async def test_two_servers_share_a_vm_dir(workdir: Path) -> None:
     second server on the same vm_dir sees the VM running, not unresponsive."""
     vm_dir = workdir / "shared-vms"
     vm_dir.mkdir()
-    first = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
-    second = ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"})
-    first.start()
-    second.start()
-    try:
+    with (
+        ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"}) as first,
+        ServerProcess(vm_dir=vm_dir, env={"QEMU_MCP_ACCEL": "tcg"}) as second,
+    ):
         async with open_tools(first.url) as a, open_tools(second.url) as b:
             await make_running(a, "shared")
             await asyncio.sleep(2.5)  # past the first server's QMP idle time
@@ -351,7 +315,3 @@ async def test_two_servers_share_a_vm_dir(workdir: Path) -> None:
             stopped = await a.ok("manage_vm", name="shared", action="stop", stop_timeout=1)
             assert stopped["data"]["details"]["stopped_by"] in ("quit", "acpi"), stopped  # QMP answered
             assert (await b.ok("list_vms"))["data"]["vms"][0]["status"] == "stopped"
-    finally:
-        first.stop()
-        second.stop()
-        kill_vms_under(vm_dir)

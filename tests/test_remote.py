@@ -20,7 +20,7 @@ import httpx2 as httpx
 import pytest
 
 from .sshd import SSHServer
-from .support import ServerProcess, ToolClient, kill_vms_under, open_tools
+from .support import ServerProcess, ToolClient, alive, kill_vms_under, open_tools
 
 QUICK_STOP = 1.0  # no guest OS answers ACPI: stop falls through to QMP quit
 
@@ -139,7 +139,7 @@ async def test_round_trip_with_key(rtools: ToolClient, sshd: SSHServer, rvm: str
     assert dup["message"] == f"VM {rvm} already exists on {sshd.address}; delete it first or use another name"
     deleted = await rtools.ok("manage_vm", name=rvm, action="delete", stop_timeout=QUICK_STOP, **remote)
     assert deleted["data"]["details"]["stopped_by"] in ("acpi", "quit")
-    assert not Path(f"/proc/{pid}").exists() or not Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert not alive(pid)
 
 
 async def test_pool_reuses_one_connection(rtools: ToolClient, remote_server: ServerProcess, sshd: SSHServer) -> None:
@@ -267,7 +267,8 @@ async def test_server_keys_open_only_named_hosts(sshd: SSHServer, workdir: Path)
     would give remote mode, without the local fence, on any machine the key opens (this one included)."""
     named = workdir / "keys-hosts.json"
     named.write_text(json.dumps({"lab": {"address": sshd.address, "port": sshd.port, "user": sshd.user}}))
-    srv = ServerProcess(
+    (workdir / "keys-vms").mkdir()
+    with ServerProcess(
         vm_dir=workdir / "keys-vms",
         env={
             "QEMU_MCP_ACCEL": "tcg",
@@ -275,10 +276,7 @@ async def test_server_keys_open_only_named_hosts(sshd: SSHServer, workdir: Path)
             "QEMU_MCP_SSH_KEY_DIRS": str(sshd.key_dir),
             "QEMU_MCP_SSH_HOSTS_FILE": str(named),
         },
-    )
-    srv.vm_dir.mkdir()
-    srv.start()
-    try:
+    ) as srv:
         async with open_tools(srv.url) as t:
             refused = await t.fails("list_vms", **key_args(sshd))
             assert refused["data"]["error"] == "InvalidInput" and "named hosts" in refused["message"], refused
@@ -286,8 +284,6 @@ async def test_server_keys_open_only_named_hosts(sshd: SSHServer, workdir: Path)
             listed = await t.ok("list_vms", host="lab", ssh_key=str(sshd.key), vm_dir=str(sshd.vm_dir))
             assert listed["data"]["host"] == "lab"
             assert (await t.ok("list_vms", **pwd_args(sshd)))["success"]  # the client's own credential: fine
-    finally:
-        srv.stop()
 
 
 async def test_remote_hardening(rtools: ToolClient, sshd: SSHServer) -> None:

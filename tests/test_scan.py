@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qemu_mcp_http.errors import HostError
-from qemu_mcp_http.hosts.ssh import ScanChanged, parse_scan
+from qemu_mcp_http.hosts.scan import ScanChanged, parse_scan
 
 FILES = ("vm.json", "runtime.json", "qemu.pid")
 

@@ -9,13 +9,14 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
-from .support import ServerProcess, ToolClient, free_port, kill_vms_under, open_tools
+from .inprocess import InProcess, open_app
+from .support import ServerProcess, ToolClient, free_port, open_tools
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -26,43 +27,48 @@ INITIALIZE = {
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
+def write_token_file(path: Path) -> str:
+    token = secrets.token_urlsafe(24)
+    path.write_text(f"# client-id token\nci-robot {token}\n")
+    return token
+
+
 @pytest.fixture(scope="module")
 def token_server(workdir: Path) -> Iterator[tuple[ServerProcess, str]]:
-    token = secrets.token_urlsafe(24)
-    token_file = workdir / "tokens"
-    token_file.write_text(f"# client-id token\nci-robot {token}\n")
-    srv = ServerProcess(
+    token = write_token_file(workdir / "tokens")
+    (workdir / "token-vms").mkdir()
+    with ServerProcess(
         vm_dir=workdir / "token-vms",
         env={
-            "QEMU_MCP_TOKEN_FILE": str(token_file),
+            "QEMU_MCP_TOKEN_FILE": str(workdir / "tokens"),
             "QEMU_MCP_ACCEL": "tcg",
             "QEMU_MCP_MAX_MONITOR_STREAMS_PER_CLIENT": "1",
             "QEMU_MCP_ALLOWED_ROOTS": str(workdir / "token-vms"),
         },
-    )
-    srv.vm_dir.mkdir()
-    srv.start()
-    try:
+    ) as srv:
         yield srv, token
-    finally:
-        srv.stop()
-        kill_vms_under(srv.vm_dir)
 
 
-async def post_mcp(url: str, headers: dict[str, str], body: bytes | None = None) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=10) as http:
-        content = body if body is not None else json.dumps(INITIALIZE).encode()
-        return await http.post(url, content=content, headers={**MCP_HEADERS, **headers})
+@pytest.fixture
+async def token_app(tmp_path: Path) -> AsyncIterator[tuple[InProcess, str]]:
+    """The app in this process, with the token file of ``token_server``."""
+    token = write_token_file(tmp_path / "tokens")
+    async with open_app(tmp_path, token_file=str(tmp_path / "tokens")) as app:
+        yield app, token
 
 
-async def test_token_required(token_server: tuple[ServerProcess, str]) -> None:
-    srv, token = token_server
-    assert (await post_mcp(srv.url, {})).status_code == 401
-    assert (await post_mcp(srv.url, {"Authorization": "Bearer " + "x" * len(token)})).status_code == 401
-    assert (await post_mcp(srv.url, {"Authorization": token})).status_code == 401
-    assert (await post_mcp(srv.url, {"Authorization": f"Bearer {token}"})).status_code == 200
-    async with httpx.AsyncClient() as http:  # health checks need no token
-        assert (await http.get(f"http://127.0.0.1:{srv.port}/healthz")).status_code == 200
+async def post_mcp(app: InProcess, headers: dict[str, str], body: bytes | None = None) -> httpx.Response:
+    content = body if body is not None else json.dumps(INITIALIZE).encode()
+    return await app.http.post(app.url, content=content, headers={**MCP_HEADERS, **headers})
+
+
+async def test_token_required(token_app: tuple[InProcess, str]) -> None:
+    app, token = token_app
+    assert (await post_mcp(app, {})).status_code == 401
+    assert (await post_mcp(app, {"Authorization": "Bearer " + "x" * len(token)})).status_code == 401
+    assert (await post_mcp(app, {"Authorization": token})).status_code == 401
+    assert (await post_mcp(app, {"Authorization": f"Bearer {token}"})).status_code == 200
+    assert (await app.http.get("/healthz")).status_code == 200  # health checks need no token
 
 
 async def test_authenticated_calls_are_audited_without_secrets(token_server: tuple[ServerProcess, str]) -> None:
@@ -98,17 +104,17 @@ def test_refuses_non_loopback_without_token() -> None:
     assert "set a bearer token" in proc.stderr and "--allow-unauthenticated" in proc.stderr
 
 
-async def test_host_and_origin_checked(server: ServerProcess) -> None:
-    assert (await post_mcp(server.url, {"Origin": "http://evil.example"})).status_code == 403
-    assert (await post_mcp(server.url, {"Host": "evil.example"})).status_code == 421
-    assert (await post_mcp(server.url, {"Host": "evil.example:8000"})).status_code == 421
-    ok = await post_mcp(server.url, {"Origin": f"http://127.0.0.1:{server.port}"})
+async def test_host_and_origin_checked(inproc: InProcess) -> None:
+    assert (await post_mcp(inproc, {"Origin": "http://evil.example"})).status_code == 403
+    assert (await post_mcp(inproc, {"Host": "evil.example"})).status_code == 421
+    assert (await post_mcp(inproc, {"Host": "evil.example:8000"})).status_code == 421
+    ok = await post_mcp(inproc, {"Origin": f"http://127.0.0.1:{inproc.settings.port}"})
     assert ok.status_code == 200
 
 
-async def test_request_body_limit(server: ServerProcess) -> None:
+async def test_request_body_limit(inproc: InProcess) -> None:
     huge = json.dumps({**INITIALIZE, "padding": "x" * (2 << 20)}).encode()
-    assert (await post_mcp(server.url, {}, huge)).status_code == 413
+    assert (await post_mcp(inproc, {}, huge)).status_code == 413
 
 
 async def test_paths_outside_roots(tools: ToolClient, workdir: Path, server: ServerProcess, vm_name: str) -> None:

@@ -1,18 +1,26 @@
-"""Hosts: where VMs live (the local machine, or a remote one over pooled SSH)."""
+"""Hosts: where VMs live (the local machine, or a remote one over pooled SSH).
 
-from .base import CommandResult, FileStat, Host
+Operations get a :class:`Host` and never know which kind they have.
+"""
+
+from .base import CommandResult, FileLock, FileStat, Host, SubdirFiles
 from .local import LocalHost
 from .pool import PoolLimits, PoolStats, SSHPool, SSHTarget
+from .scan import parse_scan, scan_argv
 from .ssh import SSHHost
 
 __all__ = [
-    "CommandResult",
-    "FileStat",
     "Host",
     "LocalHost",
-    "PoolLimits",
-    "PoolStats",
     "SSHHost",
     "SSHPool",
     "SSHTarget",
+    "PoolLimits",
+    "PoolStats",
+    "CommandResult",
+    "FileLock",
+    "FileStat",
+    "SubdirFiles",
+    "parse_scan",
+    "scan_argv",
 ]

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
-from ..errors import HostError
+from ..errors import CommandFailed, CommandNotFound, HostError
 
 __all__ = ["SMALL_FILE_MAX", "CommandResult", "FileLock", "FileStat", "Host", "SubdirFiles", "parse_pid"]
 
@@ -24,6 +24,8 @@ __all__ = ["SMALL_FILE_MAX", "CommandResult", "FileLock", "FileStat", "Host", "S
 #: files are far smaller; a bigger file (planted, or grown by mistake) is not read at all, so that one call
 #: can never make the server read gigabytes.
 SMALL_FILE_MAX = 1 << 20
+#: The exit status of a command that does not exist (a shell's convention).
+EXIT_NOT_FOUND = 127
 _KIND = {stat_mod.S_IFREG: "file", stat_mod.S_IFLNK: "link", stat_mod.S_IFDIR: "dir"}
 
 
@@ -70,8 +72,9 @@ class Host(abc.ABC):
     name: str
     #: What makes two hosts the same machine and account (per-VM locks and QMP connections are shared by it).
     identity: str
+    #: ``user@host:port`` for ``ssh -J`` when people reach this host over SSH; ``None`` for the local machine.
+    ssh_jump: str | None = None
 
-    @abc.abstractmethod
     async def run(
         self,
         argv: Sequence[str],
@@ -82,8 +85,27 @@ class Host(abc.ABC):
     ) -> CommandResult:
         """Run ``argv`` (no shell) and wait for it.
 
-        :raise QemuNotInstalled: ``argv[0]`` does not exist on the host (exit 127).
+        :raise CommandNotFound: ``argv[0]`` does not exist on the host (exit 127).
         :raise CommandFailed: non-zero exit and ``check`` is true.
+        :raise OperationTimeout: it ran longer than ``timeout``; it has been killed.
+        :raise HostError: the host could not run it at all.
+        """
+        if not argv:
+            raise ValueError("empty argv")
+        returncode, out, err = await self._exec(argv, timeout=timeout, stdin=stdin)
+        result = CommandResult(tuple(argv), returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+        if returncode == EXIT_NOT_FOUND and "not found" in result.stderr:
+            raise CommandNotFound(argv[0], self.name)
+        if check and returncode != 0:
+            raise CommandFailed(argv, returncode, result.stderr)
+        return result
+
+    @abc.abstractmethod
+    async def _exec(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None) -> tuple[int, bytes, bytes]:
+        """Run ``argv`` and return its exit status, stdout and stderr, as they are.
+
+        A missing command answers ``EXIT_NOT_FOUND`` with "not found" on stderr, as a shell does.
+
         :raise OperationTimeout: it ran longer than ``timeout``; it has been killed.
         :raise HostError: the host could not run it at all.
         """
@@ -114,7 +136,22 @@ class Host(abc.ABC):
     async def open_unix_socket(self, path: str, *, timeout: float) -> socket.socket:
         """A connected stream socket to the unix socket ``path`` on the host.
 
-        :raise QMPUnavailable: nothing listens there.
+        :raise SocketUnavailable: nothing listens there.
+        """
+
+    @abc.abstractmethod
+    async def open_tcp_socket(self, address: str, port: int, *, timeout: float) -> socket.socket:
+        """A connected stream socket to ``address:port`` as seen from the host (a forwarded guest port).
+
+        :raise SocketUnavailable: nothing accepts connections there.
+        """
+
+    @abc.abstractmethod
+    async def read_range(self, path: str, *, offset: int | None, length: int, timeout: float) -> tuple[bytes, int]:
+        """At most ``length`` bytes of a regular file from ``offset`` (``None``: its last ``length`` bytes), and
+        the file's size now. A missing file reads as empty (size 0); an offset past the end gives no bytes.
+
+        :raise HostError: it is not a regular file, or cannot be read.
         """
 
     async def realpath(self, paths: Sequence[str], *, timeout: float) -> list[str]:

@@ -13,14 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..errors import (
-    CommandFailed,
-    HostError,
-    OperationTimeout,
-    QemuNotInstalled,
-    QMPUnavailable,
-)
-from .base import SMALL_FILE_MAX, CommandResult, FileLock, FileStat, Host, SubdirFiles, parse_pid
+from ..errors import HostError, OperationTimeout, SocketUnavailable
+from .base import EXIT_NOT_FOUND, SMALL_FILE_MAX, FileLock, FileStat, Host, SubdirFiles, parse_pid
 
 __all__ = ["LocalHost"]
 
@@ -34,14 +28,7 @@ class LocalHost(Host):
         self.name = name
         self.identity = "local"
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float,
-        check: bool = True,
-        stdin: bytes | None = None,
-    ) -> CommandResult:
+    async def _exec(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None) -> tuple[int, bytes, bytes]:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -50,8 +37,8 @@ class LocalHost(Host):
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # a daemonized QEMU must not share our process group
             )
-        except FileNotFoundError as exc:
-            raise QemuNotInstalled(argv[0], self.name) from exc
+        except FileNotFoundError:
+            return EXIT_NOT_FOUND, b"", f"{argv[0]}: not found".encode()
         except OSError as exc:
             raise HostError(f"cannot run {argv[0]} on {self.name}: {exc.strerror}") from exc
         try:
@@ -64,15 +51,7 @@ class LocalHost(Host):
                     proc.kill()
                 await proc.wait()
         assert proc.returncode is not None
-        result = CommandResult(
-            tuple(argv),
-            proc.returncode,
-            out.decode(errors="replace"),
-            err.decode(errors="replace"),
-        )
-        if check and result.returncode != 0:
-            raise CommandFailed(argv, result.returncode, result.stderr)
-        return result
+        return proc.returncode, out, err
 
     async def read_files(
         self, paths: Sequence[str], *, timeout: float, max_bytes: int = SMALL_FILE_MAX
@@ -104,11 +83,27 @@ class LocalHost(Host):
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, path), timeout)
         except (OSError, TimeoutError) as exc:
             sock.close()
-            raise QMPUnavailable(f"no QMP endpoint at {path} on {self.name}: {_reason(exc)}") from exc
+            raise SocketUnavailable(path, self.name, _reason(exc)) from exc
         except BaseException:
             sock.close()
             raise
         return sock
+
+    async def open_tcp_socket(self, address: str, port: int, *, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeout)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            raise SocketUnavailable(f"{address}:{port}", self.name, _reason(exc)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def read_range(self, path: str, *, offset: int | None, length: int, timeout: float) -> tuple[bytes, int]:
+        return await self._off_loop(_read_range, path, offset, length, timeout=timeout)
 
     @contextlib.asynccontextmanager
     async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[FileLock]:
@@ -208,6 +203,23 @@ def _read_small(path: str, max_bytes: int) -> bytes | None:
         return b"".join(chunks)
     except OSError:
         return None
+    finally:
+        os.close(fd)
+
+
+def _read_range(path: str, offset: int | None, length: int) -> tuple[bytes, int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b"", 0
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        start = max(0, st.st_size - length) if offset is None else offset
+        if start >= st.st_size:
+            return b"", st.st_size
+        return os.pread(fd, min(length, st.st_size - start), start), st.st_size
     finally:
         os.close(fd)
 

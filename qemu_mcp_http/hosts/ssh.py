@@ -31,11 +31,11 @@ from ..errors import (
     CommandFailed,
     HostError,
     OperationTimeout,
-    QemuNotInstalled,
-    QMPUnavailable,
+    SocketUnavailable,
 )
-from .base import SMALL_FILE_MAX, CommandResult, FileStat, Host, SubdirFiles
+from .base import SMALL_FILE_MAX, FileStat, Host, SubdirFiles
 from .pool import SSHConnection, SSHPool, SSHTarget
+from .scan import ScanChanged, parse_scan, scan_argv
 
 __all__ = ["SSHHost"]
 
@@ -46,71 +46,6 @@ T = TypeVar("T")
 #: Bytes asked per SFTP read, below OpenSSH's per-read cap (256 KiB - 1 KiB): from a regular file a shorter
 #: answer means end of file, so a small file costs one read.  /proc files (size 0, generated) are read to EOF.
 READ_CHUNK = 64 * 1024
-_EXIT_NOT_FOUND = 127
-
-#: :meth:`SSHHost.scan_subdirs` in one command, with three processes whatever the number of VMs (sh, wc,
-#: cat): a fork per file would cost more than the round trips it saves. A constant program: the directory
-#: and file names arrive as positional parameters (each quoted by ``shlex.join``), never as program text.
-#: Only names a VM may have are scanned, so every path is safe to print on a line; contents are framed by
-#: their sizes from ``wc -c``, and the parser checks the total (a file that changed in between: scan again).
-#: Symbolic links are reported (``L``), never followed; files over ``max`` bytes are reported (``B``), never read
-#: (nor is a pid file read before its size is known: ``read`` of a huge file without a newline would take minutes).
-_SCAN_SCRIPT = r"""
-dir=$1; pidfile=$2; max=$3; shift 3
-cd -- "$dir" 2>/dev/null || exit 0
-names=$*
-set --
-for d in *; do
-  case $d in [A-Za-z0-9]*) ;; *) continue ;; esac
-  case $d in *[!A-Za-z0-9._-]*) continue ;; esac
-  if [ -L "$d" ]; then echo "L $d"; continue; fi
-  [ -d "$d" ] || continue
-  echo "D $d"
-  for f in $names; do
-    if [ -f "$d/$f" ] && [ ! -L "$d/$f" ] && [ -r "$d/$f" ]; then set -- "$@" "$d/$f"; fi
-  done
-done
-sz=
-procs=
-if [ $# -gt 0 ]; then
-  # wc -c takes a regular file's size from stat; only /proc files (size 0) are read to count them.
-  sizes=$(wc -c -- "$@")
-  set --
-  while read -r n p; do
-    [ "$p" = total ] && continue
-    if [ "$n" -gt "$max" ]; then echo "B $p"; continue; fi
-    set -- "$@" "$p"
-    sz="$sz$n $p
-"
-    case $p in
-      */"$pidfile")
-        pid=
-        if [ "$n" -lt 32 ]; then read -r pid < "$p" || :; fi
-        case $pid in
-          ''|*[!0-9]*) ;;
-          *) if [ -r "/proc/$pid/cmdline" ]; then echo "P ${p%/*} $pid"; procs="$procs /proc/$pid/cmdline"; fi ;;
-        esac ;;
-    esac
-  done <<SIZES
-$sizes
-SIZES
-fi
-if [ -n "$procs" ]; then
-  sizes=$(wc -c $procs)
-  while read -r n p; do
-    [ "$p" = total ] && continue
-    set -- "$@" "$p"
-    sz="$sz$n $p
-"
-  done <<SIZES
-$sizes
-SIZES
-fi
-echo S
-printf %s "$sz"
-echo C
-if [ $# -gt 0 ]; then cat -- "$@" 2>/dev/null; fi
-"""
 
 
 class _Lost(Exception):
@@ -131,6 +66,7 @@ class SSHHost(Host):
         self.name = target.display
         # QMP connections are shared per remote account: QEMU serves one QMP client per socket.
         self.identity = target.account
+        self.ssh_jump = target.label
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -146,7 +82,7 @@ class SSHHost(Host):
                         f"the SSH connection to {self.name} was lost during {what}; "
                         + ("it may have run: check before retrying" if not lost.safe else "retry the call")
                     ) from lost.__cause__
-                self.pool.stats.retries += 1
+                self.pool.stats.count(retries=1)
                 log.info("SSH connection to %s lost during %s; retrying once on a new one", self.target.label, what)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -165,43 +101,19 @@ class SSHHost(Host):
 
     # -- commands --------------------------------------------------------------------------------
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        timeout: float,
-        check: bool = True,
-        stdin: bytes | None = None,
-    ) -> CommandResult:
-        returncode, out, err = await self._run_raw(argv, timeout=timeout, stdin=stdin)
-        result = CommandResult(tuple(argv), returncode, _text(out), _text(err))
-        if result.returncode == _EXIT_NOT_FOUND and "not found" in result.stderr:
-            raise QemuNotInstalled(argv[0], self.name)
-        if check and result.returncode != 0:
-            raise CommandFailed(argv, result.returncode, result.stderr)
-        return result
-
-    async def _run_raw(
-        self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None
-    ) -> tuple[int, bytes, bytes]:
-        """Exit status, stdout and stderr, as bytes."""
-        if not argv:
-            raise ValueError("empty argv")
+    async def _exec(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None) -> tuple[int, bytes, bytes]:
         command = shlex.join(argv)
 
         async def attempt() -> tuple[int, bytes, bytes]:
             async with self.pool.exec_slot(self.target, timeout) as conn:
-                return await self._exec(conn, argv, command, timeout, stdin)
+                return await self._exec_on(conn, argv, command, timeout, stdin)
 
         return await self._with_retry(argv[0], attempt)
 
-    async def _exec(
+    async def _exec_on(
         self, conn: SSHConnection, argv: Sequence[str], command: str, timeout: float, stdin: bytes | None
     ) -> tuple[int, bytes, bytes]:
-        stats = self.pool.stats
-        stats.channels_opened += 1
-        stats.exec_requests += 1
-        stats.round_trips += 3  # channel open, exec request, exit status
+        self.pool.stats.count(channels_opened=1, exec_requests=1, round_trips=3)  # open, exec, exit status
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -261,16 +173,14 @@ class SSHHost(Host):
         stats = self.pool.stats
 
         async def op(sftp: asyncssh.SFTPClient) -> dict[str, bytes | None]:
-            stats.sftp_requests += len(unique)
-            stats.round_trips += 1
+            stats.count(sftp_requests=len(unique), round_trips=1)
             opened = await asyncio.gather(*(_open_or_none(sftp, p) for p in unique))
             files = {p: f for p, f in zip(unique, opened, strict=True) if f is not None}
             data: dict[str, bytearray] = {p: bytearray() for p in files}
             pending = dict(files)
             try:
                 while pending:
-                    stats.sftp_requests += len(pending)
-                    stats.round_trips += 1
+                    stats.count(sftp_requests=len(pending), round_trips=1)
                     chunks = await asyncio.gather(
                         *(f.read(READ_CHUNK, len(data[p])) for p, f in pending.items()), return_exceptions=True
                     )
@@ -294,7 +204,7 @@ class SSHHost(Host):
             finally:
                 # Closed without waiting for the replies: the server handles requests in order, so later
                 # requests queue behind the closes, and the caller saves a round trip.
-                stats.sftp_requests += len(files)
+                stats.count(sftp_requests=len(files))
                 if files:
                     self.pool.track(asyncio.ensure_future(_close_all(list(files.values()))))
             return {p: bytes(data[p]) if p in data else None for p in unique}
@@ -307,14 +217,12 @@ class SSHHost(Host):
         stats = self.pool.stats
 
         async def op(sftp: asyncssh.SFTPClient) -> None:
-            stats.sftp_requests += 4
-            stats.round_trips += 4
+            stats.count(sftp_requests=4, round_trips=4)
             try:
                 async with sftp.open(tmp, "wb", asyncssh.SFTPAttrs(permissions=0o644)) as f:
                     await f.write(data)
                     with contextlib.suppress(asyncssh.SFTPOpUnsupported):
-                        stats.sftp_requests += 1
-                        stats.round_trips += 1
+                        stats.count(sftp_requests=1, round_trips=1)
                         await f.fsync()
                 await sftp.posix_rename(tmp, path)
             except BaseException:
@@ -326,8 +234,7 @@ class SSHHost(Host):
 
     async def stat(self, path: str, *, timeout: float) -> FileStat | None:
         async def op(sftp: asyncssh.SFTPClient) -> FileStat | None:
-            self.pool.stats.sftp_requests += 1
-            self.pool.stats.round_trips += 1
+            self.pool.stats.count(sftp_requests=1, round_trips=1)
             try:
                 attrs = await sftp.lstat(path)
             except asyncssh.SFTPNoSuchFile:
@@ -344,8 +251,7 @@ class SSHHost(Host):
 
     async def list_dir(self, path: str, *, timeout: float) -> list[str]:
         async def op(sftp: asyncssh.SFTPClient) -> list[str]:
-            self.pool.stats.sftp_requests += 3
-            self.pool.stats.round_trips += 3  # opendir, readdir (until EOF), close
+            self.pool.stats.count(sftp_requests=3, round_trips=3)  # opendir, readdir (until EOF), close
             try:
                 names = await sftp.listdir(path)
             except asyncssh.SFTPNoSuchFile:
@@ -363,9 +269,9 @@ class SSHHost(Host):
 
         async def scan() -> dict[str, SubdirFiles]:
             for _ in range(3):
-                returncode, out, err = await self._run_raw(argv, timeout=timeout)
+                returncode, out, err = await self._exec(argv, timeout=timeout, stdin=None)
                 if returncode != 0:
-                    raise CommandFailed(["sh"], returncode, _text(err))
+                    raise CommandFailed(["sh"], returncode, err.decode(errors="replace"))
                 try:
                     return parse_scan(out, filenames)
                 except ScanChanged:
@@ -377,26 +283,58 @@ class SSHHost(Host):
     # -- unix sockets ----------------------------------------------------------------------------
 
     async def open_unix_socket(self, path: str, *, timeout: float) -> socket.socket:
-        stats = self.pool.stats
+        async def channel(conn: SSHConnection) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+            self.pool.stats.count(channels_opened=1, streamlocal_opens=1, round_trips=1)
+            return await conn.conn.open_unix_connection(path, encoding=None)
+
+        return await self._bridged(path, channel, timeout)
+
+    async def open_tcp_socket(self, address: str, port: int, *, timeout: float) -> socket.socket:
+        async def channel(conn: SSHConnection) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+            self.pool.stats.count(channels_opened=1, round_trips=1)
+            return await conn.conn.open_connection(address, port, encoding=None)
+
+        return await self._bridged(f"{address}:{port}", channel, timeout)
+
+    async def _bridged(
+        self,
+        where: str,
+        channel: Callable[[SSHConnection], Awaitable[tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]]],
+        timeout: float,
+    ) -> socket.socket:
+        """A local socket whose peer is a channel of the pooled connection (to a unix or TCP socket there)."""
 
         async def attempt() -> socket.socket:
             conn = await self.pool.connection(self.target)
-            stats.channels_opened += 1
-            stats.streamlocal_opens += 1
-            stats.round_trips += 1
             try:
                 async with asyncio.timeout(timeout):
-                    reader, writer = await conn.conn.open_unix_connection(path, encoding=None)
+                    reader, writer = await channel(conn)
             except TimeoutError as exc:
-                raise QMPUnavailable(f"no QMP endpoint at {path} on {self.name}: timed out") from exc
+                raise SocketUnavailable(where, self.name, "timed out") from exc
             except (asyncssh.Error, OSError) as exc:
                 lost = self._lost(conn, exc, safe=True)
                 if lost is not None:
                     raise lost from exc
-                raise QMPUnavailable(f"no QMP endpoint at {path} on {self.name}: {_reason(exc)}") from exc
-            return await self._bridge(reader, writer, path)
+                raise SocketUnavailable(where, self.name, _reason(exc)) from exc
+            return await self._bridge(reader, writer, where)
 
-        return await self._with_retry(f"connecting to {path}", attempt)
+        return await self._with_retry(f"connecting to {where}", attempt)
+
+    async def read_range(self, path: str, *, offset: int | None, length: int, timeout: float) -> tuple[bytes, int]:
+        async def op(sftp: asyncssh.SFTPClient) -> tuple[bytes, int]:
+            self.pool.stats.count(sftp_requests=4, round_trips=3)  # open, fstat + read (pipelined), close
+            try:
+                async with sftp.open(path, "rb", block_size=0) as f:
+                    size = (await f.stat()).size or 0
+                    start = max(0, size - length) if offset is None else offset
+                    if start >= size:
+                        return b"", size
+                    data = await f.read(min(length, size - start), start)
+            except asyncssh.SFTPNoSuchFile:
+                return b"", 0
+            return (data if isinstance(data, bytes) else data.encode()), size
+
+        return await self._sftp_op(f"reading {path}", op, timeout)
 
     async def _bridge(
         self,
@@ -449,74 +387,6 @@ class SSHHost(Host):
         task = asyncio.get_running_loop().create_task(pump(), name=f"ssh-bridge {self.name}:{path}")
         self.pool.track(task)
         return theirs
-
-
-class ScanChanged(Exception):
-    """A file changed between the sizes and the contents of a scan; scanning again settles it."""
-
-
-def scan_argv(directory: str, filenames: Sequence[str], pidfile: str, max_bytes: int = SMALL_FILE_MAX) -> list[str]:
-    """The command of a directory scan; its output is read by :func:`parse_scan`."""
-    return ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, str(max_bytes), *filenames]
-
-
-def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles]:
-    """Decode the output of ``_SCAN_SCRIPT``.
-
-    Lines ``D <name>``, ``L <name>`` (a symbolic link), ``P <name> <pid>`` and ``B <name>/<file>`` (too big
-    to read), a line ``S``, the size lines (``<bytes> <path>``), a line ``C``, then the files' contents back
-    to back in the order of the size lines. Names and paths cannot hold a newline (the script scans only
-    names a VM may have), so only the contents need their sizes.
-
-    :raise ScanChanged: the contents do not add up to the sizes (a file changed in between).
-    """
-    start = 0 if output.startswith(b"S\n") else output.find(b"\nS\n") + 1  # 0: not found, or at the start
-    end = output.find(b"\nC\n", start)
-    if not output.startswith(b"S\n", start) or end < 0:
-        raise HostError("unreadable answer of the directory scan")
-    listing, sizes_text, data = output[:start], output[start + 2 : end + 1], output[end + 3 :]
-    found: dict[str, dict[str, bytes | None]] = {}
-    links: list[str] = []
-    oversized: dict[str, set[str]] = {}
-    proc_of: dict[str, str] = {}
-    for line in listing.decode().splitlines():
-        kind, _, rest = line.partition(" ")
-        if kind == "D":
-            found[rest] = {}
-        elif kind == "L":
-            links.append(rest)
-        elif kind == "B":
-            name, _, filename = rest.partition("/")
-            oversized.setdefault(name, set()).add(filename)
-        elif kind == "P":
-            name, _, pid = rest.rpartition(" ")
-            proc_of[f"/proc/{pid}/cmdline"] = name
-    sizes: list[tuple[str, int]] = []
-    for line in sizes_text.decode().splitlines():
-        count, _, path = line.strip().partition(" ")
-        if "/" in path:  # not wc's "total" line
-            sizes.append((path, int(count)))
-    if sum(size for _, size in sizes) != len(data):
-        raise ScanChanged
-    cmdlines: dict[str, bytes] = {}
-    offset = 0
-    for path, size in sizes:
-        content, offset = data[offset : offset + size], offset + size
-        if path in proc_of:
-            cmdlines[proc_of[path]] = content
-        else:
-            name, _, filename = path.partition("/")
-            found.setdefault(name, {})[filename] = content
-    scanned = {
-        name: SubdirFiles(
-            {f: files.get(f) for f in filenames},
-            cmdlines.get(name),
-            oversized=frozenset(oversized.get(name, set()) & set(filenames)),
-        )
-        for name, files in found.items()
-    }
-    scanned.update({name: SubdirFiles(dict.fromkeys(filenames), None, is_symlink=True) for name in links})
-    return scanned
 
 
 async def _close_all(files: list[asyncssh.SFTPClientFile]) -> None:

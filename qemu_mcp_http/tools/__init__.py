@@ -1,1 +1,12 @@
-"""The MCP tools: one module each, thin wrappers over :mod:`qemu_mcp_http.vm`."""
+"""The MCP tools: one module each, thin wrappers over :mod:`qemu_mcp_http.vm`, registered from ``TOOLS``."""
+
+from ._common import ToolSpec
+from .list_vms import TOOL as LIST_VMS
+from .manage_vm import TOOL as MANAGE_VM
+from .monitor_vm_status import TOOL as MONITOR_VM_STATUS
+from .vm_guest import TOOL as VM_GUEST
+
+__all__ = ["TOOLS", "ToolSpec"]
+
+#: The tools this server offers, in the order ``tools/list`` shows them.
+TOOLS: tuple[ToolSpec, ...] = (MANAGE_VM, LIST_VMS, MONITOR_VM_STATUS, VM_GUEST)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context
-from mcp_types import CallToolResult, TextContent
-from pydantic import BaseModel, Field
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
 
 from ..context import AppContext
 from ..errors import QemuMcpError
@@ -24,7 +25,7 @@ __all__ = [
     "SshUserArg",
     "ToolResult",
     "VmDirArg",
-    "app_context",
+    "ToolSpec",
     "audited_change",
     "envelope",
     "guarded",
@@ -59,10 +60,14 @@ VmDirArg = Annotated[
 ]
 
 
-def app_context(ctx: Context[Any, Any]) -> AppContext:
-    lifespan = ctx.request_context.lifespan_context
-    assert isinstance(lifespan, AppContext)
-    return lifespan
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool as the server registers it."""
+
+    name: str
+    fn: Callable[..., Awaitable[CallToolResult]]
+    description: str
+    annotations: ToolAnnotations
 
 
 def envelope(success: bool, message: str, data: dict[str, Any]) -> CallToolResult:
@@ -129,3 +134,17 @@ async def audited_change(
     except asyncio.CancelledError:
         gone = True
         raise
+
+
+def validation_envelope(tool: str, arguments: dict[str, Any], error: ValidationError) -> CallToolResult:
+    problems = []
+    for err in error.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "arguments"
+        # err["msg"] states the accepted form; err["input"] is the caller's value and may be a secret.
+        problems.append(f"Invalid '{field}': {err['msg']}")
+    data: dict[str, Any] = {"host": str(arguments.get("host") or "localhost"), "error": "InvalidInput"}
+    if isinstance(arguments.get("name"), str):
+        data["vm_name"] = arguments["name"]
+    if tool == "manage_vm" and isinstance(arguments.get("action"), str):
+        data["action"] = arguments["action"]
+    return envelope(False, "; ".join(problems), data)

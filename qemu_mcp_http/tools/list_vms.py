@@ -8,7 +8,8 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
-from ..context import HostRequest
+from ..context import AppContext
+from ..targets import HostRequest
 from ..vm.lifecycle import VMState
 from ..vm.spec import parse_arch
 from ._common import (
@@ -18,12 +19,12 @@ from ._common import (
     SshPwdArg,
     SshUserArg,
     ToolResult,
+    ToolSpec,
     VmDirArg,
-    app_context,
     guarded,
 )
 
-__all__ = ["ANNOTATIONS", "DESCRIPTION", "list_vms"]
+__all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "list_vms"]
 
 DESCRIPTION = """List the QEMU VMs of a host (local, or remote over SSH) with arch, vcpus, memory, disk and
 status (running/stopped, from the QEMU process and its QMP socket), filtered by status, arch and a
@@ -35,7 +36,7 @@ ANNOTATIONS = ToolAnnotations(
 
 
 async def list_vms(
-    ctx: Context[Any, Any],
+    ctx: Context[AppContext, Any],
     status: Annotated[
         Literal["running", "stopped", "all"], Field(description="Only VMs in this state: running, stopped or all")
     ] = "all",
@@ -53,7 +54,7 @@ async def list_vms(
     ssh_pwd: SshPwdArg = None,
     ssh_key: SshKeyArg = None,
 ) -> Annotated[CallToolResult, ToolResult]:
-    app = app_context(ctx)
+    app = ctx.request_context.lifespan_context
     request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
     base: dict[str, Any] = {"host": request.display_name}
 
@@ -72,7 +73,11 @@ async def list_vms(
                 continue
             if needle and needle not in definition.name.lower():
                 continue
-            rows.append({"name": definition.name, **definition.summary(), **state.summary()})
+            row = {"name": definition.name, **definition.summary(), **state.summary()}
+            ssh = vms.ssh_hint(definition)
+            if ssh is not None:
+                row["ssh"] = ssh
+            rows.append(row)
         rows.sort(key=lambda row: row["name"])
         where = "locally" if request.is_local else f"on {request.display_name}"
         qualifier = "" if status == "all" else f"{status} "
@@ -94,3 +99,6 @@ async def list_vms(
 def _metric_state(state: VMState) -> str:
     """``stopped``, or QMP's word for a live VM: running, paused, unresponsive, ..."""
     return (state.run_state or "running") if state.status == "running" else "stopped"
+
+
+TOOL = ToolSpec("list_vms", list_vms, DESCRIPTION, ANNOTATIONS)

@@ -9,10 +9,11 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
-from ..context import HostRequest
+from ..context import AppContext
 from ..errors import QemuMcpError
-from ..metrics.monitor import MonitorRun, monitor_vm
+from ..monitoring.monitor import MonitorRun, monitor_vm
 from ..security import client_identity
+from ..targets import HostRequest
 from ._common import (
     HostArg,
     SshKeyArg,
@@ -20,12 +21,12 @@ from ._common import (
     SshPwdArg,
     SshUserArg,
     ToolResult,
+    ToolSpec,
     VmDirArg,
-    app_context,
     guarded,
 )
 
-__all__ = ["ANNOTATIONS", "DESCRIPTION", "monitor_vm_status"]
+__all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "monitor_vm_status"]
 
 DESCRIPTION = """Sample CPU, memory, disk and network of a running VM every `interval` seconds, `count` times
 (0: until the client cancels). Each sample is sent as an MCP progress notification (message = the sample as
@@ -39,7 +40,7 @@ ANNOTATIONS = ToolAnnotations(
 
 async def monitor_vm_status(
     name: Annotated[str, Field(description="Name of the running VM to monitor")],
-    ctx: Context[Any, Any],
+    ctx: Context[AppContext, Any],
     metrics: Annotated[
         Literal["all", "cpu", "memory", "disk", "network"], Field(description="Which metrics to sample")
     ] = "all",
@@ -52,7 +53,7 @@ async def monitor_vm_status(
     ssh_pwd: SshPwdArg = None,
     ssh_key: SshKeyArg = None,
 ) -> Annotated[CallToolResult, ToolResult]:
-    app = app_context(ctx)
+    app = ctx.request_context.lifespan_context
     request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
     base: dict[str, Any] = {"host": request.display_name, "vm_name": name}
     run = MonitorRun()
@@ -97,3 +98,6 @@ async def monitor_vm_status(
         result.structured_content["data"].update(collected())
         result.content[0].text = json.dumps(result.structured_content, separators=(",", ":"))  # type: ignore[union-attr]
     return result
+
+
+TOOL = ToolSpec("monitor_vm_status", monitor_vm_status, DESCRIPTION, ANNOTATIONS)

@@ -34,6 +34,8 @@ def qemu_argv(
     paths: VMPaths,
     accel: str,
     firmware: FirmwarePaths = ARM64_FIRMWARE,
+    *,
+    forward_address: str = "127.0.0.1",
 ) -> list[str]:
     """Argv that starts ``definition`` daemonized, with QMP, pid file and serial log under ``paths``.
 
@@ -83,9 +85,16 @@ def qemu_argv(
             f"file={d.iso},if=none,id=cd0,media=cdrom,readonly=on,format=raw",
             *cd_device,
         ]
+    if d.cloud_init is not None:
+        # virtio-scsi: Debian's cloud kernel (linux-image-cloud-*) has no AHCI driver, so an IDE/AHCI CD-ROM
+        # would be invisible to it and cloud-init would find no datasource.
+        argv += [
+            "-device", "virtio-scsi-pci,id=scsi-seed",
+            "-drive", f"file={paths.seed},if=none,id=seed0,media=cdrom,readonly=on,format=raw",
+            "-device", "scsi-cd,drive=seed0,bus=scsi-seed.0,id=seed-cd",
+        ]  # fmt: skip
+    argv += _network(d, forward_address)
     argv += [
-        "-netdev", "user,id=net0",
-        "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={d.mac}",
         "-device", "virtio-balloon-pci,id=balloon0",
         # Guest agent channel: network statistics come from qemu-guest-agent when the guest runs it.
         "-chardev", f"socket,id=qga0,path={paths.qga_socket},server=on,wait=off",
@@ -99,3 +108,21 @@ def qemu_argv(
         "-daemonize",
     ]  # fmt: skip
     return argv
+
+
+def _network(d: VMDefinition, forward_address: str) -> list[str]:
+    """The NIC: user-mode networking with the port forwards, a bridge (QEMU's bridge helper), or none."""
+    network = d.network_spec
+    if network.mode == "none":
+        return []
+    if network.mode == "bridge":
+        netdev = f"bridge,id=net0,br={network.bridge}"
+    else:
+        forwards = []
+        for forward in d.forwards:
+            host_port = d.host_port(forward)
+            if host_port is None:
+                raise ValueError(f"forward {forward.spec()} has no host port yet (start assigns one)")
+            forwards.append(f",hostfwd={forward.hostfwd(forward_address, host_port)}")
+        netdev = "user,id=net0" + "".join(forwards)
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={d.mac}"]

@@ -18,14 +18,18 @@ import json
 import logging
 import posixpath
 import secrets
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import CommandFailed, InvalidInput, QemuError
 from ..hosts.base import CommandResult, Host
+from .argv import ARM64_FIRMWARE, FirmwarePaths
+from .commands import qemu_installed
 from .fence import Fence
+from .spec import DiskDefinition, format_size
 
-__all__ = ["MAX_CHAIN", "DiskImages", "ImageLayer", "is_plain_reference"]
+__all__ = ["MAX_CHAIN", "DiskImages", "ImageLayer", "is_plain_reference", "temp_name"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ class DiskImages:
     async def qemu_img(self, *args: str) -> CommandResult:
         """:raise QemuError: qemu-img failed (its own words). :raise QemuNotInstalled: it is missing."""
         try:
-            return await self.host.run(["qemu-img", *args], timeout=self.timeout)
+            with qemu_installed():
+                return await self.host.run(["qemu-img", *args], timeout=self.timeout)
         except CommandFailed as exc:
             raise QemuError(f"qemu-img {args[0]} failed: {exc.stderr.strip()}") from exc
 
@@ -79,7 +84,8 @@ class DiskImages:
         """
         args = ["info", "--output=json", *(["-U"] if shared else []), *(["-f", fmt] if fmt else []), path]
         try:
-            result = await self.host.run(["qemu-img", *args], timeout=self.timeout)
+            with qemu_installed():
+                result = await self.host.run(["qemu-img", *args], timeout=self.timeout)
         except CommandFailed as exc:
             detail = exc.stderr.strip()
             if "lock" in detail.lower():
@@ -161,16 +167,40 @@ class DiskImages:
         )
 
     async def create(self, path: str, fmt: str, size: int, *, tmp: str) -> str:
-        """Make a new image at ``path``, which must not exist; return its identity (``device:inode``).
+        """Make a new empty image at ``path`` (see :meth:`_materialize`); return its identity."""
+        return await self._materialize(path, tmp, self.qemu_img("create", "-q", "-f", fmt, tmp, str(size)))
 
-        It is made as ``tmp`` (a name of the caller's, recorded first so that an interrupted create can be
-        undone) and then linked to ``path``, which never replaces a file that appeared there meanwhile.
+    async def create_overlay(self, path: str, base: ImageLayer, size: int, *, tmp: str) -> str:
+        """A qcow2 overlay at ``path`` backed by ``base`` (a linked clone: instant, whatever the base's size);
+        the backing file's format is recorded in the overlay, so QEMU never probes it."""
+        make = self.qemu_img("create", "-q", "-f", "qcow2", "-b", base.path, "-F", base.format, tmp, str(size))
+        return await self._materialize(path, tmp, make)
+
+    async def copy(self, path: str, fmt: str, base: ImageLayer, size: int, *, tmp: str, timeout: float) -> str:
+        """A full copy of ``base`` at ``path`` in ``fmt`` (``qemu-img convert``), grown to ``size``."""
+
+        async def make() -> None:
+            argv = ["qemu-img", "convert", "-q", "-f", base.format, "-O", fmt, base.path, tmp]
+            try:
+                with qemu_installed():
+                    await self.host.run(argv, timeout=timeout)
+            except CommandFailed as exc:
+                raise QemuError(f"qemu-img convert failed: {exc.stderr.strip()}") from exc
+            if size > base.virtual_size:
+                await self.resize(tmp, fmt, size)
+
+        return await self._materialize(path, tmp, make())
+
+    async def _materialize(self, path: str, tmp: str, make: Awaitable[object]) -> str:
+        """Make a new image as ``tmp`` (a name of the caller's, recorded first so that an interrupted create
+        can be undone) and link it to ``path``, which never replaces a file that appeared there meanwhile;
+        return its identity (``device:inode:birth:type``).
 
         :raise InvalidInput: ``path`` exists now.
         :raise QemuError: qemu-img failed.
         """
-        await self.qemu_img("create", "-q", "-f", fmt, tmp, str(size))
         try:
+            await make
             linked = await self.host.run(["ln", "-T", "--", tmp, path], timeout=self.timeout, check=False)
             if not linked.succeeded:
                 if await self.host.stat(path, timeout=self.timeout) is not None:
@@ -185,6 +215,33 @@ class DiskImages:
 
     async def resize(self, path: str, fmt: str, size: int) -> None:
         await self.qemu_img("resize", "-q", "-f", fmt, path, str(size))
+
+    async def attach_existing(self, path: str, fmt: str | None, size: int | None, *, own_dir: str) -> DiskDefinition:
+        """The definition of an existing image used as a VM's disk (kept by delete), after :meth:`inspect`.
+
+        :raise InvalidInput: not a regular file, an unsafe chain, or a ``size`` other than the image's own.
+        """
+        st = await self.host.stat(path, timeout=self.timeout)
+        if st is None or not st.is_file:
+            raise InvalidInput("disk", f"{path} exists on {self.host.name} but is not a regular file")
+        top = (await self.inspect(path, fmt, own_dir=own_dir))[0]
+        if size is not None and size != top.virtual_size:
+            raise InvalidInput(
+                "disk",
+                f"{path} exists with size {format_size(top.virtual_size)}; omit size to attach it as it is, "
+                "or grow it later with modify",
+            )
+        return DiskDefinition(path, top.format, top.virtual_size, created_by_tool=False)
+
+    async def prepare_efi_vars(self, dest: str, firmware: FirmwarePaths = ARM64_FIRMWARE) -> None:
+        """A VM's own copy of the UEFI variable store (arm64).
+
+        :raise QemuError: the firmware package is missing on the host.
+        """
+        template = firmware.vars_template
+        if await self.host.stat(template, timeout=self.timeout) is None:
+            raise QemuError(f"UEFI firmware {template} is missing on {self.host.name}; install qemu-efi-aarch64 there")
+        await self.host.run(["cp", "--", template, dest], timeout=self.timeout)
 
 
 def temp_name(path: str) -> str:

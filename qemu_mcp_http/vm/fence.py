@@ -8,8 +8,9 @@ resolved on its host (symbolic links, ``..``) and then:
   named SSH host's ``allowed_roots``; an SSH host without them is fenced by its account's rights only);
 - may not lie in a ``.locks`` directory, nor carry the name of a file the server manages (``vm.json``,
   ``qemu.pid``, ...);
-- may not lie inside a VM directory other than the VM's own: another VM's files are never its disk,
-  its ISO or its image, and a ``vm_dir`` inside a VM directory would nest one VM's files in another's.
+- may not lie inside a VM directory other than the VM's own: another VM's files are never its disk or
+  its ISO, and a ``vm_dir`` inside a VM directory would nest one VM's files in another's (an image, which is
+  only read, may be another VM's disk: a linked clone of it).
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ class FenceRules:
     roots: tuple[str, ...] | None
     #: Further roots ISOs may come from.
     iso_roots: tuple[str, ...] = ()
+    #: Further roots disk images (and their backing files) may come from.
+    image_roots: tuple[str, ...] = ()
     #: Where the roots come from, for messages ("this server", "lab").
     source: str = "this server"
 
     def roots_for(self, kind: PathKind) -> tuple[str, ...] | None:
         if self.roots is None:
             return None
-        return self.roots + self.iso_roots if kind == "iso" else self.roots
+        return self.roots + {"iso": self.iso_roots, "image": self.image_roots}.get(kind, ())
 
 
 class Fence:
@@ -59,17 +62,19 @@ class Fence:
         self.rules = rules
         self.timeout = timeout
         self._resolved_roots: tuple[str, ...] | None = None
-        self._resolved_iso: tuple[str, ...] = ()
+        self._resolved_extra: dict[str, tuple[str, ...]] = {}
 
     async def resolve(self, paths: Sequence[str]) -> list[str]:
         """``paths`` resolved on the host; the roots are resolved in the same host operation the first time."""
+        rules = self.rules
         roots: list[str] = []
-        if self.rules.roots is not None and self._resolved_roots is None:
-            roots = [*self.rules.roots, *self.rules.iso_roots]
+        if rules.roots is not None and self._resolved_roots is None:
+            roots = [*rules.roots, *rules.iso_roots, *rules.image_roots]
         resolved = await self.host.realpath([*roots, *paths], timeout=self.timeout)
         if roots:
-            n = len(self.rules.roots or ())
-            self._resolved_roots, self._resolved_iso = tuple(resolved[:n]), tuple(resolved[n : len(roots)])
+            n, m = len(rules.roots or ()), len(rules.iso_roots)
+            self._resolved_roots = tuple(resolved[:n])
+            self._resolved_extra = {"iso": tuple(resolved[n : n + m]), "image": tuple(resolved[n + m : len(roots)])}
         return resolved[len(roots) :]
 
     async def check(self, kind: PathKind, path: str, *, own_dir: str | None = None, field: str | None = None) -> str:
@@ -89,6 +94,10 @@ class Fence:
             raise InvalidInput(
                 name, f"{path} has the name of a file the server manages in VM directories; use another file"
             )
+        if kind == "image":
+            # An image is only read (a backing file, or copied): another VM's disk may be one (a linked clone of
+            # it); QEMU's image locking keeps a running VM's disk out, and its owner then cannot go away.
+            return real
         owner = await self.vm_directory_holding(real, own_dir=own[0] if own else None, include_self=kind == "vm_dir")
         if owner is not None:
             what = "a vm_dir" if kind == "vm_dir" else "this file"
@@ -103,9 +112,7 @@ class Fence:
         """:raise InvalidInput: ``real`` (resolved ``given``) lies outside the roots of ``kind``."""
         if self.rules.roots is None:
             return
-        roots = self._resolved_roots or ()
-        if kind == "iso":
-            roots = roots + self._resolved_iso
+        roots = (self._resolved_roots or ()) + self._resolved_extra.get(kind, ())
         if not within(real, roots):
             allowed = ", ".join(self.rules.roots_for(kind) or ()) or "(none configured)"
             if self.rules.source == "this server":

@@ -41,6 +41,7 @@ MANAGED_NAMES = frozenset(
         "qga.sock",
         "console.log",
         "efivars.fd",
+        "seed.iso",
     }
 )
 
@@ -86,6 +87,11 @@ class VMPaths:
     @cached_property
     def console_log(self) -> str:
         return self._file("console.log")
+
+    @cached_property
+    def seed(self) -> str:
+        """The cloud-init NoCloud seed ISO."""
+        return self._file("seed.iso")
 
     @cached_property
     def efi_vars(self) -> str:

@@ -12,6 +12,8 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from ..errors import InvalidInput, LimitExceeded
+from .cloudinit import CloudInitConfig
+from .ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
 
 __all__ = [
     "ARCHES",
@@ -42,8 +44,8 @@ _MAX_SIZE_DIGITS = 20
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 GIB = 1 << 30
 MIB = 1 << 20
-#: 2: created disks carry their file identity (device:inode).
-DEFINITION_VERSION = 2
+#: 2: created disks carry their file identity. 3: ports, network, cloud_init, image.
+DEFINITION_VERSION = 3
 
 
 def validate_name(name: str | None) -> str:
@@ -204,20 +206,56 @@ class VMDefinition:
     machine: str
     version: int = DEFINITION_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Port forwards in their canonical form ("2222:22", "22", "53/udp").
+    ports: tuple[str, ...] = ()
+    #: Host ports chosen at start for forwards without one ("tcp:22" -> 40222), kept while they are free.
+    port_assignments: dict[str, int] = field(default_factory=dict)
+    #: "user", "none" or "bridge=<name>".
+    network: str = "user"
+    #: The cloud_init the seed ISO was made from (never a password or its hash) and the seed's instance-id.
+    cloud_init: dict[str, Any] | None = None
+    #: What the disk was made from: {"path", "format", "clone": "linked" | "full", "vm": name or None}.
+    image: dict[str, Any] | None = None
 
     @property
     def memory(self) -> str:
         return format_size(self.memory_mib * MIB)
 
+    @property
+    def forwards(self) -> tuple[PortForward, ...]:
+        return parse_ports(list(self.ports)) if self.ports else ()
+
+    @property
+    def network_spec(self) -> NetworkSpec:
+        return parse_network(self.network)
+
+    def host_port(self, forward: PortForward) -> int | None:
+        """The host port of ``forward``: its own, or the one chosen at the last start."""
+        return forward.host_port or self.port_assignments.get(f"{forward.proto}:{forward.guest_port}")
+
+    @property
+    def ssh_port(self) -> int | None:
+        """The host port forwarded to the guest's port 22, if any."""
+        return next((self.host_port(f) for f in self.forwards if f.guest_port == 22 and f.proto == "tcp"), None)
+
     def summary(self) -> dict[str, Any]:
         """The configuration as clients see it (``details``, ``list_vms``)."""
-        return {
+        out: dict[str, Any] = {
             "arch": self.arch,
             "memory": self.memory,
             "vcpus": self.vcpus,
             "disk": self.disk.summary(),
             "iso": self.iso,
         }
+        if self.ports:
+            out["ports"] = [{**f.summary(), "host_port": self.host_port(f)} for f in self.forwards]
+        if self.network != "user":
+            out["network"] = self.network
+        if self.cloud_init is not None:
+            out["cloud_init"] = CloudInitConfig.from_json(self.cloud_init["config"]).summary()
+        if self.image is not None:
+            out["image"] = {k: self.image.get(k) for k in ("path", "format", "clone", "vm")}
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +266,8 @@ class VMDefinition:
         try:
             disk = DiskDefinition(**data["disk"])
             fields_ = {k: v for k, v in data.items() if k != "disk"}
+            if isinstance(fields_.get("ports"), list):
+                fields_["ports"] = tuple(fields_["ports"])
             definition = cls(disk=disk, **fields_)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a VM definition: {exc}") from exc
@@ -270,8 +310,43 @@ def _check_types(d: VMDefinition) -> None:
             raise ValueError(f"not a VM definition: {exc.message}") from exc
     if not _MAC_RE.fullmatch(d.mac) or not _UUID_RE.fullmatch(d.uuid) or not _MACHINE_RE.fullmatch(d.machine):
         raise ValueError("not a VM definition: bad mac, uuid or machine")
+    _check_guest_access(d)
+
+
+def _check_guest_access(d: VMDefinition) -> None:
+    """:raise ValueError: ports, network, cloud_init or image are not what create writes."""
+    try:
+        if not isinstance(d.ports, tuple) or not all(isinstance(p, str) for p in d.ports):
+            raise ValueError("ports")
+        forwards = d.forwards
+        network = d.network_spec if isinstance(d.network, str) else None
+        if network is None:
+            raise ValueError("network")
+        check_ports_network(forwards, network)
+        assignments = d.port_assignments
+        if not isinstance(assignments, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536
+            for k, v in assignments.items()
+        ):
+            raise ValueError("port_assignments")
+        if d.cloud_init is not None:
+            config = d.cloud_init.get("config") if isinstance(d.cloud_init, dict) else None
+            instance = d.cloud_init.get("instance_id") if isinstance(d.cloud_init, dict) else None
+            if not isinstance(config, dict) or not isinstance(instance, str) or not _INSTANCE_RE.fullmatch(instance):
+                raise ValueError("cloud_init")
+            CloudInitConfig.from_json(config)
+        if d.image is not None:
+            path = d.image.get("path") if isinstance(d.image, dict) else None
+            if not isinstance(path, str) or d.image.get("format") not in ("qcow2", "raw"):
+                raise ValueError("image")
+            validate_path(path, "image")
+    except InvalidInput as exc:
+        raise ValueError(f"not a VM definition: {exc.message}") from exc
+    except ValueError as exc:
+        raise ValueError(f"not a VM definition: bad {exc}") from exc
 
 
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MACHINE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,40}")
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

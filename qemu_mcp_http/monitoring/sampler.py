@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from ..errors import OperationTimeout, QemuMcpError, QMPFailure, QMPUnavailable, VMStateError
 from ..hosts.base import Host
-from ..qga import guest_agent
+from ..qga import AgentPool
 from ..qmp import QMPSession
 from ..vm.paths import VMPaths
 from ..vm.spec import MIB, VMDefinition
@@ -71,9 +71,11 @@ class Sampler:
         qmp: QMPSession,
         clock: HostClock,
         metrics: Sequence[Metric],
+        agents: AgentPool,
         agent_timeout: float,
     ) -> None:
         self.host = host
+        self.agents = agents
         self.definition = definition
         self.paths = paths
         self.pid = pid
@@ -274,7 +276,7 @@ class Sampler:
 
     async def _agent_answers(self) -> bool:
         try:
-            async with guest_agent(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
+            async with self.agents.session(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
                 await agent.execute("guest-ping")
         except QemuMcpError:
             return False
@@ -296,7 +298,7 @@ class Sampler:
         if silent is not None:
             return None, reason
         try:
-            async with guest_agent(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
+            async with self.agents.session(self.host, self.paths.qga_socket, self.agent_timeout) as agent:
                 reply = await agent.execute("guest-network-get-interfaces")
         except QemuMcpError:
             self._agent_silent_since = self._samples

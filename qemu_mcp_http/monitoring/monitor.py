@@ -74,8 +74,10 @@ async def monitor_vm(
         raise VMStateError(f"VM {name} is not running; only running VMs can be monitored (start it first)")
     paths = vms.store.paths(name)
     loop = asyncio.get_running_loop()
-    async with vms.shared.qmp.session(vms.host, paths.qmp_socket, name, settings.qmp_timeout) as qmp:
-        sampler = Sampler(vms.host, definition, paths, facts.pid, qmp, clock, chosen, agent_timeout=1.0)
+    async with vms.qmp(name) as qmp:
+        sampler = Sampler(
+            vms.host, definition, paths, facts.pid, qmp, clock, chosen, vms.shared.agents, agent_timeout=1.0
+        )
         try:
             await sampler.prepare(interval)
         except QemuMcpError as exc:

@@ -1,1 +1,0 @@
-"""Metrics of running VMs: pure parsers and the sampler."""

@@ -1,0 +1,267 @@
+"""create: validate everything, make the disk, record the definition; undo on failure, journal for a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import posixpath
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import (
+    InvalidInput,
+    QemuMcpError,
+    VMExists,
+    VMNotFound,
+)
+from .cleanup import CleanupOps
+from .cloudinit import CloudInitConfig, build_seed_iso, hostname_for, parse_cloud_init
+from .disks import ImageLayer, temp_name
+from .manager import now
+from .paths import UNIX_PATH_MAX, VMPaths
+from .ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
+from .spec import (
+    GIB,
+    DiskDefinition,
+    VMDefinition,
+    disk_format_for,
+    format_size,
+    parse_arch,
+    parse_disk,
+    parse_memory_mib,
+    validate_name,
+    validate_path,
+    validate_vcpus,
+)
+
+__all__ = ["CreateOps", "GuestAccess"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISK_BYTES = 20 * GIB
+
+
+def _random_mac() -> str:
+    # 52:54:00 is QEMU's locally administered prefix, as libvirt uses.
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """The image a new disk is made from, inspected."""
+
+    layer: ImageLayer
+    #: The VM whose disk it is (``vm:<name>``), if any.
+    vm: str | None
+
+    def record(self, clone: str) -> dict[str, Any]:
+        return {"path": self.layer.path, "format": self.layer.format, "clone": clone, "vm": self.vm}
+
+
+@dataclass(frozen=True)
+class GuestWanted:
+    """The guest-access arguments of create, parsed."""
+
+    ports: tuple[PortForward, ...]
+    network: NetworkSpec
+    cloud_init: CloudInitConfig | None
+    clone: Literal["linked", "full"]
+
+    def seed(self, instance_id: str, name: str) -> bytes | None:
+        """The NoCloud seed ISO, built in memory (uploaded as it is to a remote host)."""
+        if self.cloud_init is None:
+            return None
+        hostname = self.cloud_init.hostname or hostname_for(name)
+        return build_seed_iso(self.cloud_init, instance_id=instance_id, hostname=hostname)
+
+    def stored_cloud_init(self, instance_id: str) -> dict[str, Any] | None:
+        if self.cloud_init is None:
+            return None
+        return {"config": self.cloud_init.to_json(), "instance_id": instance_id}
+
+
+@dataclass(frozen=True)
+class GuestAccess:
+    """What create may add to a VM so that people can get into it: a disk made from an image (a linked clone
+    or a full copy), a cloud-init seed, port forwards, and the kind of network. Raw client values."""
+
+    image: str | None = None
+    clone: str = "linked"
+    cloud_init: object = None
+    ports: object = None
+    network: object = None
+
+    def parse(self) -> GuestWanted:
+        """:raise InvalidInput: any of them is malformed (before anything is written)."""
+        if self.clone not in ("linked", "full"):
+            raise InvalidInput("clone", f"{self.clone!r} is not a clone kind; use 'linked' (default) or 'full'")
+        cloud_init = parse_cloud_init(self.cloud_init) if self.cloud_init is not None else None
+        ports = parse_ports(self.ports) if self.ports is not None else ()
+        network = parse_network(self.network)
+        check_ports_network(ports, network)
+        clone: Literal["linked", "full"] = "full" if self.clone == "full" else "linked"
+        return GuestWanted(ports, network, cloud_init, clone)
+
+
+class CreateOps(CleanupOps):
+    """create."""
+
+    async def create(
+        self,
+        name: str,
+        arch: str | None,
+        memory: str | None,
+        vcpus: int | None,
+        disk: str | None,
+        iso: str | None,
+        access: GuestAccess | None = None,
+    ) -> dict[str, Any]:
+        """Validate everything, make the disk, record the definition. Does not start the VM.
+
+        On any failure nothing is left behind: what the call made is removed, and only that.
+        A create cut short by a crash leaves a journal that lets delete remove what it made.
+        """
+        s = self.settings
+        name = validate_name(name)
+        arch_ = parse_arch(arch)
+        memory_mib = parse_memory_mib(memory if memory is not None else "2G", s.max_memory_mib)
+        vcpus_ = validate_vcpus(vcpus if vcpus is not None else 2, s.max_vcpus)
+        disk_spec = parse_disk(disk, s.max_disk_gib * GIB)
+        iso_path = validate_path(iso, "iso") if iso else None
+        paths = self.store.paths(name)
+        if len(paths.qmp_socket.encode()) > UNIX_PATH_MAX:
+            raise InvalidInput(
+                "vm_dir",
+                f"{self.vm_dir!r} is too deep: the QMP socket path would exceed {UNIX_PATH_MAX} bytes",
+            )
+        disk_path = disk_spec.path or paths.default_disk()
+        disk_format = disk_format_for(disk_path, disk_spec.format)
+        access = access or GuestAccess()
+        wanted = access.parse()
+        if wanted.clone == "linked" and access.image is not None:
+            if disk_spec.format == "raw":
+                raise InvalidInput("disk", "a linked clone is a qcow2 overlay; drop format=raw or use clone='full'")
+            disk_format = "qcow2"
+        await self.fence.check("vm_dir", self.vm_dir)
+        if disk_spec.path is not None:
+            await self.fence.check("disk", disk_path, own_dir=paths.directory)
+        if iso_path is not None:
+            await self._check_iso(iso_path)
+        base = await self._image_source(access.image, paths) if access.image is not None else None
+        if base is not None and disk_spec.size_bytes is not None and disk_spec.size_bytes < base.layer.virtual_size:
+            raise InvalidInput(
+                "disk",
+                f"size= may only grow the image, which is {format_size(base.layer.virtual_size)}; "
+                "give a larger size or none",
+            )
+        vm_uuid = str(uuid.uuid4())
+        instance_id = f"iid-{vm_uuid}"
+        seed = wanted.seed(instance_id, name)
+
+        async with self._lock(name) as lock:
+            await self._run("mkdir", "-p", "--", self.vm_dir)
+            claimed = await self._run("mkdir", "--", paths.directory, check=False)
+            if not claimed.succeeded:
+                if await self.host.stat(paths.definition, timeout=s.command_timeout) is not None:
+                    raise VMExists(f"VM {name} already exists on {self.host.name}; delete it first or use another name")
+                raise VMExists(
+                    f"{paths.directory} already exists on {self.host.name} but holds no VM definition "
+                    "(a create cut short? delete removes what it made); remove it or use another name"
+                )
+            journal: dict[str, Any] = {"started_at": now()}
+            try:
+                await self._write_journal(paths, journal)
+                if seed is not None:
+                    await self.host.write_file(paths.seed, seed, timeout=s.command_timeout)
+                existing = await self.host.stat(disk_path, timeout=s.command_timeout)
+                if existing is not None and base is not None:
+                    raise InvalidInput("disk", f"{disk_path} exists; a disk made from an image needs a new path")
+                if existing is not None:
+                    disk_def = await self.disks.attach_existing(
+                        disk_path, disk_spec.format, disk_spec.size_bytes, own_dir=paths.directory
+                    )
+                else:
+                    parent = posixpath.dirname(disk_path) or "/"
+                    if await self.host.stat(parent, timeout=s.command_timeout) is None:
+                        raise InvalidInput("disk", f"directory {parent} does not exist on {self.host.name}")
+                    size = disk_spec.size_bytes or (base.layer.virtual_size if base else DEFAULT_DISK_BYTES)
+                    journal.update(disk=disk_path, tmp=temp_name(disk_path))
+                    await self._write_journal(paths, journal)
+                    tmp = journal["tmp"]
+                    if base is None:
+                        identity = await self.disks.create(disk_path, disk_format, size, tmp=tmp)
+                    elif wanted.clone == "linked":
+                        identity = await self.disks.create_overlay(disk_path, base.layer, size, tmp=tmp)
+                    else:
+                        timeout = s.image_copy_timeout
+                        identity = await self.disks.copy(
+                            disk_path, disk_format, base.layer, size, tmp=tmp, timeout=timeout
+                        )
+                    journal["identity"] = identity
+                    await self._write_journal(paths, journal)
+                    disk_def = DiskDefinition(disk_path, disk_format, size, created_by_tool=True, identity=identity)
+                if arch_ == "arm64":
+                    await self.disks.prepare_efi_vars(paths.efi_vars)
+                definition = VMDefinition(
+                    name=name,
+                    arch=arch_,
+                    memory_mib=memory_mib,
+                    vcpus=vcpus_,
+                    disk=disk_def,
+                    iso=iso_path,
+                    uuid=vm_uuid,
+                    mac=_random_mac(),
+                    created_at=now(),
+                    machine="q35" if arch_ == "x86_64" else "virt",
+                    ports=tuple(f.spec() for f in wanted.ports),
+                    network=wanted.network.spec(),
+                    cloud_init=wanted.stored_cloud_init(instance_id),
+                    image=base.record(wanted.clone) if base is not None else None,
+                )
+                await self.store.save(definition)
+                await self._run("rm", "-f", "--", paths.journal)
+            except BaseException:
+                lock.discard()
+                await asyncio.shield(self._undo_create(paths, journal))
+                raise
+        details = {"vm_dir": self.vm_dir, "directory": paths.directory, **definition.summary()}
+        if not disk_def.created_by_tool:
+            details["disk_attached"] = "existing disk attached; delete will keep it"
+        return details
+
+    async def _image_source(self, image: str, paths: VMPaths) -> ImageSource:
+        """The image a disk is made from: a file under the image roots, or ``vm:<name>``, the disk of a
+        stopped VM of the same vm_dir; its chain inspected like a disk's.
+
+        :raise InvalidInput: not a safe image, or the VM is missing or running.
+        """
+        if image.startswith("vm:"):
+            source_name = validate_name(image[3:])
+            try:
+                source = await self.store.load(source_name)
+            except VMNotFound as exc:
+                raise InvalidInput("image", f"{image}: {exc.message}") from exc
+            if (await self.state_of(source)).status == "running":
+                raise InvalidInput("image", f"VM {source_name} is running; stop it before cloning its disk")
+            path, fmt, vm = source.disk.path, source.disk.format, source_name
+        else:
+            path, fmt, vm = validate_path(image, "image"), None, None
+        real = await self.fence.check("image", path, field="image")
+        st = await self.host.stat(real, timeout=self.settings.command_timeout)
+        if st is None or not st.is_file:
+            raise InvalidInput("image", f"{image} does not exist on {self.host.name} or is not a regular file")
+        layer = (await self.disks.inspect(path, fmt, own_dir=paths.directory, field="image"))[0]
+        return ImageSource(layer, vm)
+
+    async def _write_journal(self, paths: VMPaths, journal: dict[str, Any]) -> None:
+        data = json.dumps(journal, sort_keys=True).encode() + b"\n"
+        await self.host.write_file(paths.journal, data, timeout=self.settings.command_timeout)
+
+    async def _undo_create(self, paths: VMPaths, journal: dict[str, Any]) -> None:
+        try:
+            await self._remove_made(paths, journal)
+        except QemuMcpError:
+            log.exception("could not undo the partial create of %s on %s", paths.name, self.host.name)

@@ -1,0 +1,207 @@
+"""modify: memory, vCPUs, ports, cloud_init (a running VM restarts), a qcow2 disk grows; a failed change is
+rolled back."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from ..errors import (
+    InvalidInput,
+    QemuError,
+    QemuMcpError,
+)
+from .cloudinit import parse_cloud_init
+from .create import GuestWanted
+from .ports import check_ports_network, parse_ports
+from .power import PowerOps
+from .spec import (
+    GIB,
+    DiskDefinition,
+    VMDefinition,
+    format_size,
+    parse_disk,
+    parse_memory_mib,
+    validate_name,
+    validate_vcpus,
+)
+
+__all__ = ["ModifyOps"]
+
+
+class ModifyOps(PowerOps):
+    """modify."""
+
+    async def modify(
+        self,
+        name: str,
+        memory: str | None,
+        vcpus: int | None,
+        disk: str | None,
+        timeout: float,
+        *,
+        ports: object = None,
+        cloud_init: object = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Change memory, vcpus, ports or cloud_init, and/or grow the disk; a running VM restarts for all but the
+        disk. A new cloud_init is written as a new seed with a new instance-id (cloud-init then runs again).
+
+        A change that cannot be applied is rolled back: the previous definition is restored and a VM that
+        was running is started again as it was; the error says what happened.
+        """
+        s = self.settings
+        name = validate_name(name)
+        timeout = self.check_stop_timeout(timeout)
+        if memory is None and vcpus is None and not disk and ports is None and cloud_init is None:
+            raise InvalidInput(
+                "modify", "nothing to change; give memory, vcpus, ports, cloud_init and/or disk='size=40G'"
+            )
+        new_memory = parse_memory_mib(memory, s.max_memory_mib) if memory is not None else None
+        new_vcpus = validate_vcpus(vcpus, s.max_vcpus) if vcpus is not None else None
+        disk_spec = parse_disk(disk, s.max_disk_gib * GIB) if disk else None
+        new_ports = parse_ports(ports) if ports is not None else None
+        new_cloud_init = parse_cloud_init(cloud_init) if cloud_init is not None else None
+        async with self._lock(name) as lock:
+            before = await self._load_locked(name, lock)
+            after = before
+            if new_memory is not None:
+                after = after.evolve(memory_mib=new_memory)
+            if new_vcpus is not None:
+                after = after.evolve(vcpus=new_vcpus)
+            grow_to: int | None = None
+            if disk_spec is not None:
+                grow_to = self._check_disk_change(before, disk_spec.path, disk_spec.format, disk_spec.size_bytes)
+                if grow_to is not None:
+                    after = after.evolve(disk=DiskDefinition(**{**before.disk.__dict__, "size_bytes": grow_to}))
+            if new_ports is not None:
+                check_ports_network(new_ports, before.network_spec)
+                specs = tuple(f.spec() for f in new_ports)
+                keys = {f"{f.proto}:{f.guest_port}" for f in new_ports if f.host_port is None}
+                kept = {k: v for k, v in before.port_assignments.items() if k in keys}
+                after = after.evolve(ports=specs, port_assignments=kept)
+            seed: bytes | None = None
+            if new_cloud_init is not None:
+                instance_id = f"iid-{uuid.uuid4()}"
+                seed = GuestWanted((), before.network_spec, new_cloud_init, "linked").seed(instance_id, name)
+                after = after.evolve(cloud_init={"config": new_cloud_init.to_json(), "instance_id": instance_id})
+            if after == before:
+                return f"VM {name} already has that configuration", {
+                    "before": before.summary(),
+                    "after": after.summary(),
+                    "changed": [],
+                }
+            old = before.summary()
+            changed = [k for k, v in after.summary().items() if old.get(k) != v]
+            if seed is not None and "cloud_init" not in changed:
+                changed.append("cloud_init")  # the same settings, a new seed: cloud-init runs again
+            state = await self.state_of(before)
+            needs_restart = state.status == "running" and (
+                after.memory_mib != before.memory_mib
+                or after.vcpus != before.vcpus
+                or after.ports != before.ports
+                or seed is not None
+            )
+            details: dict[str, Any] = {"before": before.summary(), "after": after.summary(), "changed": changed}
+            if grow_to is not None:
+                paths = self.store.paths(name)
+                await self.fence.check("disk", before.disk.path, own_dir=paths.directory)
+            if needs_restart:
+                await self._restart_with(before, after, grow_to, timeout, details, seed)
+            else:
+                if seed is not None:
+                    await self.host.write_file(self.store.paths(name).seed, seed, timeout=s.command_timeout)
+                if grow_to is not None:
+                    if state.status == "running":
+                        await self._block_resize(before, grow_to)
+                        details["disk_resized_by"] = "QMP block_resize"
+                    else:
+                        await self.disks.resize(before.disk.path, before.disk.format, grow_to)
+                        details["disk_resized_by"] = "qemu-img resize"
+                await self.store.save(after)
+                details["restarted"] = False
+        note = " and restarted" if needs_restart else ""
+        return f"VM {name} modified{note}: {', '.join(changed)}", details
+
+    async def _restart_with(
+        self,
+        before: VMDefinition,
+        after: VMDefinition,
+        grow_to: int | None,
+        timeout: float,
+        details: dict[str, Any],
+        seed: bytes | None = None,
+    ) -> None:
+        """Stop, apply, start; on failure restore ``before`` (with a disk already grown, and the old seed) and
+        start it again.
+
+        :raise QemuError: the change could not be applied; ``details`` says what was rolled back.
+        """
+        method, _ = await self._stop_locked(before.name, timeout)
+        details["stopped_by"] = method
+        restore = before
+        seed_path = self.store.paths(before.name).seed
+        old_seed: bytes | None = None
+        if seed is not None:
+            old_seed, _ = await self.host.read_range(
+                seed_path, offset=0, length=16 << 20, timeout=self.settings.command_timeout
+            )
+        try:
+            if seed is not None:
+                await self.host.write_file(seed_path, seed, timeout=self.settings.command_timeout)
+            if grow_to is not None:
+                await self.disks.resize(before.disk.path, before.disk.format, grow_to)
+                details["disk_resized_by"] = "qemu-img resize"
+                restore = before.evolve(disk=after.disk)  # a disk cannot shrink back: keep its new size
+            await self.store.save(after)
+            await self._start_locked(after)
+            details["restarted"] = True
+        except QemuMcpError as failure:
+            details["restarted"] = False
+            details["rolled_back"] = True
+            try:
+                if old_seed:
+                    await self.host.write_file(seed_path, old_seed, timeout=self.settings.command_timeout)
+                await self.store.save(restore)
+                await self._start_locked(restore)
+            except QemuMcpError as again:
+                details["restored_definition"] = restore.summary()
+                raise QemuError(
+                    f"VM {before.name}: the change could not be applied ({failure.message}); the previous "
+                    f"configuration was restored, but starting the VM with it failed too ({again.message}); "
+                    "the VM is stopped",
+                    details,
+                ) from failure
+            details["restored_definition"] = restore.summary()
+            raise QemuError(
+                f"VM {before.name}: the change could not be applied ({failure.message}); the previous "
+                "configuration was restored and the VM started again as it was",
+                details,
+            ) from failure
+
+    def _check_disk_change(
+        self, before: VMDefinition, path: str | None, fmt: str | None, size: int | None
+    ) -> int | None:
+        disk = before.disk
+        if path is not None and path != disk.path:
+            raise InvalidInput("disk", f"modify cannot move the disk ({disk.path}); give only size=, e.g. size=40G")
+        if fmt is not None and fmt != disk.format:
+            raise InvalidInput("disk", f"modify cannot convert the disk from {disk.format} to {fmt}")
+        if size is None or size == disk.size_bytes:
+            return None
+        if disk.format == "raw":
+            raise InvalidInput(
+                "disk",
+                "raw disks cannot be resized by modify (the spec allows qcow2 only); grow the file by hand "
+                "(qemu-img resize -f raw) while the VM is stopped",
+            )
+        if size < disk.size_bytes:
+            raise InvalidInput(
+                "disk",
+                f"shrinking is refused (current {format_size(disk.size_bytes)}, asked {format_size(size)}); "
+                "give a size larger than the current one",
+            )
+        return size
+
+    async def _block_resize(self, definition: VMDefinition, size: int) -> None:
+        async with self.qmp(definition.name) as qmp:
+            await qmp.execute("block_resize", {"node-name": "disk0-fmt", "size": size})
