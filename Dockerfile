@@ -60,6 +60,16 @@ RUN --mount=type=secret,id=pip_ca,required=false \
     && venv-pip uninstall -y -q pip setuptools \
     && /opt/qemu-mcp-http/bin/qemu-mcp-http --help >/dev/null
 
+# novnc: the web console's noVNC files only (1.2 MB), taken out of Debian's package: installing it would
+# pull in nodejs, websockify and numpy (+232 MB) that the server never runs.
+FROM ${BASE_IMAGE} AS novnc
+WORKDIR /tmp/novnc
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN apt-get update \
+    && apt-get download novnc \
+    && dpkg-deb --fsys-tarfile novnc_*.deb | tar -x -C / ./usr/share/novnc \
+    && rm -rf /var/lib/apt/lists/* /tmp/novnc/*.deb
+
 # ---------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
@@ -91,6 +101,8 @@ RUN set -eu; \
     install -d -o qemu -g qemu -m 0700 /home/qemu/.ssh
 
 COPY --from=builder /opt/qemu-mcp-http /opt/qemu-mcp-http
+# The web console's noVNC files (served at /console/static; nothing is fetched at run time).
+COPY --from=novnc /usr/share/novnc /usr/share/novnc
 
 # Configuration: QEMU_MCP_* variables only (qemu-mcp-http --help lists them).  Secrets are mounted files:
 #   /run/secrets/qemu-mcp-token   the bearer token (QEMU_MCP_TOKEN_FILE)

@@ -23,6 +23,7 @@ from .errors import QemuMcpError
 from .observability import CONTENT_TYPE
 from .security import HeaderGuard, StaticTokenVerifier, default_allowed_hosts, default_allowed_origins, load_tokens
 from .server import build_mcp
+from .webconsole import console_routes
 
 __all__ = ["build_app"]
 
@@ -72,21 +73,24 @@ def build_app(settings: Settings) -> Starlette:
                 probe.cancel()
                 await asyncio.gather(probe, return_exceptions=True)
 
+    allowed_hosts, allowed_origins = default_allowed_hosts(settings), default_allowed_origins(settings)
+    console = console_routes(
+        app_context.console_links,
+        app_context.open_vnc,
+        settings.novnc_dir,
+        allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
+    )
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *console,
         Mount("/", app=mcp_app),
     ]
     starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[
-            Middleware(
-                HeaderGuard,
-                allowed_hosts=default_allowed_hosts(settings),
-                allowed_origins=default_allowed_origins(settings),
-            )
-        ],
+        middleware=[Middleware(HeaderGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)],
     )
     starlette.state.shutdown = app_context.shared.shutdown
     return starlette

@@ -66,6 +66,9 @@ class Settings:
         default=3600.0, metadata={"help": "time a full clone (qemu-img convert of an image) may take"}
     )
     max_wait_timeout: float = field(default=3600.0, metadata={"help": "largest wait_timeout of start"})
+    snapshot_timeout: float = field(
+        default=900.0, metadata={"help": "time a snapshot job of a running VM (save, load, delete) may take"}
+    )
     lock_timeout: float = field(
         default=90.0,
         metadata={"help": "longest wait for another operation on the same VM (this server's or another process's)"},
@@ -161,6 +164,9 @@ class Settings:
         metadata={"help": "concurrent monitor_vm_status calls per client (token or address)"},
     )
     max_monitor_streams: int = field(default=64, metadata={"help": "concurrent monitor_vm_status calls in all"})
+    novnc_dir: str = field(
+        default="/usr/share/novnc", metadata={"help": "noVNC's files, served by the web console (Debian: novnc)"}
+    )
     audit_log: str = field(
         default="",
         metadata={"help": "also append audit lines (JSON) to this file; they always go to the log"},

@@ -6,25 +6,30 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from mcp.server.mcpserver import Context
+
 from .config import Settings
-from .errors import CredentialUnusable, InvalidInput
+from .errors import CredentialUnusable, InvalidInput, SocketUnavailable, VMStateError
 from .hosts.base import Host
 from .hosts.local import LocalHost
 from .hosts.pool import PoolLimits, SSHPool
 from .hosts.ssh import SSHHost
 from .observability import Metrics
-from .security import check_ssh_key
+from .security import check_ssh_key, client_identity
 from .shared import SharedState
 from .targets import HostRequest, NamedHost, load_named_hosts
 from .version import __version__
 from .vm.fence import Fence, FenceRules
 from .vm.lifecycle import VMManager
-from .vm.spec import validate_path
+from .vm.spec import validate_name, validate_path
+from .webconsole import ConsoleGrant, ConsoleLinks, console_path
 
 __all__ = ["AppContext"]
 
@@ -45,6 +50,8 @@ class AppContext:
     metrics: Metrics = field(init=False)
     #: State-changing calls run to their end in these tasks, even when their client goes away.
     operations: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Short-lived signed links to the web console (a random key per process: links die with it).
+    console_links: ConsoleLinks = field(default_factory=lambda: ConsoleLinks(secrets.token_bytes(32)))
 
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
@@ -119,6 +126,47 @@ class AppContext:
                 f"({', '.join(sorted(self.named_hosts)) or 'none configured'}); log in to {request.host} with "
                 "ssh_pwd, use a named host, or ask the operator to set --allow-client-ssh-keys",
             )
+
+    def console_link(self, request: HostRequest, vm_dir: str, name: str, ctx: Context[Any, Any]) -> dict[str, Any]:
+        """A signed link to the web console of ``name``, for this server's HTTP address as the client reached it.
+
+        :raise InvalidInput: an SSH host given by address and credentials (no credential ever goes into a URL).
+        """
+        host = self.console_host(request)
+        token = self.console_links.sign(host, validate_name(name), vm_dir, client_identity(ctx))
+        http = getattr(ctx.request_context, "request", None)
+        base = (
+            str(http.base_url).rstrip("/") if http is not None else f"http://{self.settings.host}:{self.settings.port}"
+        )
+        return {"url": base + console_path(host, name, token), "expires_in": self.console_links.ttl}
+
+    def console_host(self, request: HostRequest) -> str:
+        """The host part of a console link: ``localhost`` or a named host.
+
+        :raise InvalidInput: a host given by address and credentials (no credential ever goes into a URL).
+        """
+        host = "localhost" if request.is_local else (request.host or "").strip()
+        if not request.is_local and (host not in self.named_hosts or request.ssh_pwd or request.ssh_key):
+            raise InvalidInput(
+                "host",
+                "the web console opens VMs of the local host and of named hosts only (a link carries no "
+                "credentials); add the host to the server's hosts file",
+            )
+        return host
+
+    @asynccontextmanager
+    async def open_vnc(self, grant: ConsoleGrant) -> AsyncIterator[socket.socket]:
+        """The VNC socket of the VM a console link names, for the web console's WebSocket; the host is held
+        for the session (a pooled SSH connection is not closed for idleness under an open console)."""
+        request = HostRequest() if grant.host == "localhost" else HostRequest(host=grant.host)
+        path = f"{validate_path(grant.vm_dir, 'vm_dir')}/{validate_name(grant.vm)}/vnc.sock"
+        async with self.host(request) as host:
+            try:
+                sock = await host.open_unix_socket(path, timeout=self.settings.qmp_timeout)
+            except SocketUnavailable as exc:
+                raise VMStateError(f"VM {grant.vm} has no screen to show: is it running? ({exc.reason})") from exc
+            with sock:
+                yield sock
 
     def fence_rules(self, request: HostRequest) -> FenceRules:
         """The roots paths of a call may use on its host (see :mod:`.vm.fence`)."""

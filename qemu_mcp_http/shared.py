@@ -37,6 +37,15 @@ class SharedState:
 
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
 
+    _console_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def console_lock(self, host: str, socket_path: str) -> AsyncIterator[None]:
+        """One writer at a time on a VM's serial console socket (QEMU serves one client)."""
+        lock = self._console_locks.setdefault((host, socket_path), asyncio.Lock())
+        async with lock:
+            yield
+
     @asynccontextmanager
     async def vm_lock(self, host: str, vm_dir: str, name: str, timeout: float) -> AsyncIterator[None]:
         """The in-process lock of one VM.

@@ -17,6 +17,9 @@ if ((want_tests)); then
     packages+=(podman runc debootstrap)
     # fdisk (sfdisk) partitions the Debian cloud image built by tests/cloudimg/build.sh (with debootstrap, grub-pc-bin).
     packages+=(fdisk)
+    # The web console test (tests/test_web_console.py): noVNC's files as the server serves them, and a real
+    # headless Chromium driven over the DevTools protocol.
+    packages+=(novnc chromium)
 fi
 
 missing=()

@@ -27,6 +27,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from qemu_mcp_http.tools import TOOLS
+
 from .container.podman import (
     IMAGE,
     REPO,
@@ -233,7 +235,7 @@ async def test_container_end_to_end(container: Running) -> None:
     auth = {"Authorization": f"Bearer {container.token}"}
     async with open_tools(f"{container.base}/mcp", headers=auth) as tools:
         listed = await tools.client.list_tools()
-        assert sorted(tool.name for tool in listed.tools) == ["list_vms", "manage_vm", "monitor_vm_status"]
+        assert sorted(tool.name for tool in listed.tools) == sorted(spec.name for spec in TOOLS)
 
         created = await tools.ok("manage_vm", name=name, action="create", arch="x86_64", memory="64M", vcpus=1)
         assert created["data"]["details"]["directory"] == f"/var/lib/qemu/{name}"

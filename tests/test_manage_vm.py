@@ -19,7 +19,7 @@ QUICK_STOP = 1.0
 
 async def test_tools_and_schemas(inproc_tools: ToolClient) -> None:
     listed = {t.name: t for t in (await inproc_tools.client.list_tools()).tools}
-    assert set(listed) == {"manage_vm", "list_vms", "monitor_vm_status", "vm_guest"}
+    assert set(listed) == {"manage_vm", "list_vms", "monitor_vm_status", "vm_guest", "vm_console", "vm_snapshot"}
     assert listed["vm_guest"].annotations is not None and listed["vm_guest"].annotations.destructive_hint is True
     manage = listed["manage_vm"]
     props = manage.input_schema["properties"]

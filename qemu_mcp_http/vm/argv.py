@@ -100,9 +100,14 @@ def qemu_argv(
         "-chardev", f"socket,id=qga0,path={paths.qga_socket},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vserial0",
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-        "-chardev", f"file,id=serial0,path={paths.console_log}",
+        # The serial console: a socket for input (one client at a time), every byte logged to console.log.
+        "-chardev",
+        f"socket,id=serial0,path={paths.console_socket},server=on,wait=off,logfile={paths.console_log},logappend=on",
         "-serial", "chardev:serial0",
+        # A screen (screendump, VNC) that QEMU itself never shows: VNC only on a unix socket.
+        "-device", "VGA,id=video0" if d.arch == "x86_64" else "virtio-gpu-pci,id=video0",
         "-display", "none",
+        "-vnc", f"unix:{paths.vnc_socket}",
         "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off",
         "-pidfile", paths.pidfile,
         "-daemonize",

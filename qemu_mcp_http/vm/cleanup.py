@@ -20,7 +20,7 @@ __all__ = ["CleanupOps", "temp_name_pattern"]
 
 log = logging.getLogger(__name__)
 #: Temporary files of the atomic writes of managed files (``.vm.json.<pid>.tmp`` and the like).
-_MANAGED_TEMP = re.compile(r"\.(vm\.json|runtime\.json|\.create\.json)\.[A-Za-z0-9]+\.tmp")
+_MANAGED_TEMP = re.compile(r"\.(vm\.json|runtime\.json|\.create\.json)\.[A-Za-z0-9]+\.tmp|\.screen-[0-9a-f]+\.png")
 
 
 class CleanupOps(VMOps):

@@ -132,7 +132,7 @@ class CreateOps(CleanupOps):
         disk_spec = parse_disk(disk, s.max_disk_gib * GIB)
         iso_path = validate_path(iso, "iso") if iso else None
         paths = self.store.paths(name)
-        if len(paths.qmp_socket.encode()) > UNIX_PATH_MAX:
+        if len(paths.console_socket.encode()) > UNIX_PATH_MAX:  # the longest socket path of a VM
             raise InvalidInput(
                 "vm_dir",
                 f"{self.vm_dir!r} is too deep: the QMP socket path would exceed {UNIX_PATH_MAX} bytes",

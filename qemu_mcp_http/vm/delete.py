@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
-from ..errors import VMStateError
+from ..errors import QemuMcpError, VMStateError
 from .cleanup import CleanupOps
 from .power import PowerOps
+from .snapshot import disk_snapshots
 from .spec import (
     VMDefinition,
     validate_name,
@@ -85,8 +87,15 @@ class DeleteOps(CleanupOps, PowerOps):
             notes.append(f"the disk {disk.path} is also the disk of VM {', '.join(users)}; it was kept")
             return
         if await self._is_our_file(disk.path, disk.identity, paths.directory, default=paths.default_disk()):
+            snapshots: list[dict[str, Any]] = []
+            if disk.format == "qcow2":
+                with contextlib.suppress(QemuMcpError):  # only for the note: never a reason not to delete
+                    snapshots, _ = await disk_snapshots(self, definition, running=False)
             await self._run("rm", "-f", "--", disk.path)
             removed.append(disk.path)
+            if snapshots:
+                names = ", ".join(s["name"] for s in snapshots[:10]) + (", ..." if len(snapshots) > 10 else "")
+                notes.append(f"the disk's {len(snapshots)} internal snapshot(s) ({names}) went with it")
         else:
             kept.append(disk.path)
             notes.append(f"{disk.path} is no longer the file create made (or lies where no disk may), so it was kept")

@@ -9,14 +9,16 @@ manages plus a disk create made, while it is still the very file create made (it
 
 from __future__ import annotations
 
+from .console import ConsoleOps
 from .create import CreateOps
 from .delete import DeleteOps
 from .guest import GuestOps
 from .manager import VMState
 from .modify import ModifyOps
+from .snapshot import SnapshotOps
 
 __all__ = ["VMManager", "VMState"]
 
 
-class VMManager(CreateOps, DeleteOps, ModifyOps, GuestOps):
+class VMManager(CreateOps, DeleteOps, ModifyOps, GuestOps, ConsoleOps, SnapshotOps):
     """Operations on the VMs of one ``vm_dir`` of one host: one class per concern, put together here."""

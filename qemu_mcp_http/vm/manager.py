@@ -128,7 +128,10 @@ class VMOps:
     async def _clean_runtime_files(self, paths: VMPaths) -> None:
         await self.shared.qmp.forget(self.host, paths.qmp_socket)
         await self.shared.agents.forget(self.host, paths.qga_socket)
-        await self._run("rm", "-f", "--", paths.qmp_socket, paths.qga_socket, paths.pidfile, paths.runtime)
+        await self._run(
+            "rm", "-f", "--", paths.qmp_socket, paths.qga_socket, paths.console_socket, paths.vnc_socket,
+            paths.pidfile, paths.runtime,
+        )  # fmt: skip
 
     async def _verify_media(self, definition: VMDefinition) -> None:
         """Check the disk and ISO a definition names, as on create: the files may have changed since.

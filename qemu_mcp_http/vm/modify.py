@@ -15,6 +15,7 @@ from .cloudinit import parse_cloud_init
 from .create import GuestWanted
 from .ports import check_ports_network, parse_ports
 from .power import PowerOps
+from .snapshot import disk_snapshots
 from .spec import (
     GIB,
     DiskDefinition,
@@ -105,6 +106,12 @@ class ModifyOps(PowerOps):
             if grow_to is not None:
                 paths = self.store.paths(name)
                 await self.fence.check("disk", before.disk.path, own_dir=paths.directory)
+                snapshots, _ = await disk_snapshots(self, before, state.status == "running")
+                if snapshots:
+                    details["note"] = (
+                        f"the disk holds {len(snapshots)} snapshot(s); qemu-img grows a qcow2 disk with snapshots, "
+                        "and a revert to one taken before this change brings back the size the disk had then"
+                    )
             if needs_restart:
                 await self._restart_with(before, after, grow_to, timeout, details, seed)
             else:

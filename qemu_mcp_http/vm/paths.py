@@ -40,6 +40,8 @@ MANAGED_NAMES = frozenset(
         "qmp.sock",
         "qga.sock",
         "console.log",
+        "console.sock",
+        "vnc.sock",
         "efivars.fd",
         "seed.iso",
     }
@@ -86,7 +88,22 @@ class VMPaths:
 
     @cached_property
     def console_log(self) -> str:
+        """Everything the serial console printed (QEMU's chardev log)."""
         return self._file("console.log")
+
+    @cached_property
+    def console_socket(self) -> str:
+        """The serial console's input (and output) for one client at a time."""
+        return self._file("console.sock")
+
+    @cached_property
+    def vnc_socket(self) -> str:
+        """The VM's screen and keyboard over VNC: a unix socket, never a TCP port."""
+        return self._file("vnc.sock")
+
+    def screenshot(self, token: str) -> str:
+        """Where QEMU writes one screendump (a random name, removed once read)."""
+        return self._file(f".screen-{token}.png")
 
     @cached_property
     def seed(self) -> str:

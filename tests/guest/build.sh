@@ -253,6 +253,29 @@ grub-mkrescue -d "$GRUB_DIR" --fonts= --locales= --themes= \
     cat "$WORK/mkrescue.log" >&2
     exit 1
 }
+if [[ "$ARCH" == amd64 ]]; then
+    # A second ISO whose GRUB menu waits for a key (two entries): what the screen and keys tests drive.
+    cat >"$WORK/iso/boot/grub/grub.cfg" <<EOF
+set timeout=-1
+set default=0
+insmod gzio
+menuentry "qemu-mcp-http test guest ($ARCH)" {
+    linux /boot/vmlinuz console=$CONSOLE quiet loglevel=3
+    initrd /boot/initrd.gz
+}
+menuentry "qemu-mcp-http test guest ($ARCH), second entry" {
+    linux /boot/vmlinuz console=$CONSOLE quiet loglevel=3
+    initrd /boot/initrd.gz
+}
+EOF
+    grub-mkrescue -d "$GRUB_DIR" --fonts= --locales= --themes= \
+        --install-modules="$GRUB_MODULES" \
+        -o "$WORK/guest-menu.iso" "$WORK/iso" >"$WORK/mkrescue.log" 2>&1 || {
+        cat "$WORK/mkrescue.log" >&2
+        exit 1
+    }
+    mv -f "$WORK/guest-menu.iso" "$(dirname "$ISO")/guest-menu-$ARCH.iso"
+fi
 mv -f "$WORK/guest.iso" "$ISO"
 echo "$HASH" >"$STAMP"
 log "built $ISO ($(du -h "$ISO" | cut -f1))"
