@@ -29,7 +29,18 @@ import pytest
 from .support import ServerProcess, free_port, kill_vms_under
 
 SSHD = "/usr/sbin/sshd"
-USER = "qmhtest"
+#: The test user's name is this prefix and a random suffix: each test session has its own user, so that
+#: sessions running at the same time on one machine never reset each other's password or processes.
+USER_PREFIX = "qmht-"
+
+
+def _prune_stale_users() -> None:
+    """Remove test users of earlier sessions that ended without their teardown (their home is gone)."""
+    for entry in Path("/etc/passwd").read_text().splitlines():
+        name, _, _, _, _, home, *_ = (*entry.split(":"), "", "", "", "", "", "")
+        if name.startswith(USER_PREFIX) and home and not Path(home).exists():
+            subprocess.run(["pkill", "-KILL", "-u", name], check=False)
+            subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
 def _can_bind(address: str) -> bool:
@@ -90,7 +101,7 @@ class SSHServer:
     #: Another address of the same sshd, not in known_hosts (an unknown host key).
     second_address: str = "127.0.0.1"
     netns: str | None = None
-    user: str = USER
+    user: str = field(default_factory=lambda: USER_PREFIX + secrets.token_hex(4))
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -130,18 +141,8 @@ class SSHServer:
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.conf_dir / "ssh_host_ed25519_key"))
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qmh-test", "-f", str(self.key))
         shutil.copy(self.key.with_suffix(".pub"), self.conf_dir / "authorized_keys")
-        if subprocess.run(["id", "-u", self.user], capture_output=True).returncode != 0:
-            _run("useradd", "-M", "-d", str(home), "-s", "/bin/sh", self.user)
-        else:
-            # Processes of the dedicated test user left by an earlier run (sshd sessions being reaped)
-            # make usermod refuse (exit 8); none of them is wanted now.
-            subprocess.run(["pkill", "-KILL", "-u", self.user], check=False)
-            for _ in range(50):
-                done = subprocess.run(["usermod", "-d", str(home), "-s", "/bin/sh", self.user], check=False)
-                if done.returncode != 8:  # 8: the user still has processes (being reaped)
-                    done.check_returncode()
-                    break
-                time.sleep(0.1)
+        _prune_stale_users()
+        _run("useradd", "-M", "-d", str(home), "-s", "/bin/sh", self.user)
         _run("chpasswd", stdin=f"{self.user}:{self.password}\n")
         shutil.chown(home, self.user, self.user)
         shutil.chown(self.vm_dir, self.user, self.user)
@@ -242,6 +243,8 @@ def sshd_fixture() -> Iterator[SSHServer]:
         if server.netns:
             _drop_netns(server.netns)
         shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["pkill", "-KILL", "-u", server.user], check=False)
+        subprocess.run(["userdel", server.user], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session", name="remote_server")

@@ -181,7 +181,7 @@ async def test_bad_remote_inputs(rtools: ToolClient, remote_server: ServerProces
     """Each bad input is a clear success:false within the connect timeout; the server stays healthy."""
     good = pwd_args(sshd)
     cases: list[tuple[dict[str, Any], str, str]] = [
-        ({**good, "ssh_pwd": "Wrong-" + sshd.password}, "HostAuthFailed", "authentication as qmhtest"),
+        ({**good, "ssh_pwd": "Wrong-" + sshd.password}, "HostAuthFailed", f"authentication as {sshd.user}"),
         ({**key_args(sshd), "ssh_key": str(sshd.key_dir / "missing")}, "InvalidInput", "does not exist on the server"),
         ({**key_args(sshd), "ssh_key": "/etc/ssh/ssh_host_ed25519_key"}, "InvalidInput", "ssh_key"),
         ({**good, "ssh_port": sshd.unused_port()}, "HostUnreachable", "refused the SSH connection"),
