@@ -1,6 +1,7 @@
 """Benchmarks of qemu-mcp-http with real QEMU and the real MCP client over HTTP, each figure beside its baseline.
 
-    .venv/bin/python -m benchmarks.run [--quick] [--json FILE] [--sections list,concurrency,start,monitor,remote]
+    .venv/bin/python -m benchmarks.run [--quick] [--json FILE]
+        [--sections list,concurrency,start,monitor,remote,resources]
 
 Prints a table and writes JSON. Not a test: nothing here passes or fails; the figures go to the README.
 Everything it starts (a server process, QEMUs under a temporary vm_dir, an sshd) is killed by PID at the end.
@@ -19,6 +20,7 @@ from .scenario_concurrency import bench_concurrency
 from .scenario_list import bench_list
 from .scenario_monitor import bench_monitor
 from .scenario_remote import bench_remote
+from .scenario_resources import bench_resources
 from .scenario_start import bench_start
 
 
@@ -34,6 +36,8 @@ async def run_sections(bench: Bench, sections: set[str]) -> None:
         await bench_list(bench, sizes[3:])
     if "monitor" in sections:
         await bench_monitor(bench)
+    if "resources" in sections:
+        await bench_resources(bench)
     if "start" in sections:
         await bench_start(bench)
     if "remote" in sections:

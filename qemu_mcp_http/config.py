@@ -22,6 +22,7 @@ __all__ = [
     "Accel",
     "HostKeyPolicy",
     "Invocation",
+    "ConfirmPolicy",
     "LogFormat",
     "Settings",
     "parse_invocation",
@@ -32,6 +33,7 @@ Accel = Literal["auto", "kvm", "tcg"]
 HostKeyPolicy = Literal["strict", "accept-new", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 LogFormat = Literal["text", "json"]
+ConfirmPolicy = Literal["elicit", "require", "never"]
 
 ENV_PREFIX = "QEMU_MCP_"
 
@@ -106,8 +108,8 @@ class Settings:
     ssh_hosts_file: str = field(
         default="",
         metadata={
-            "help": "JSON file of named SSH hosts, {name: {address, port, user, key, known_hosts}}; "
-            "clients then pass host=<name> without credentials (tool arguments override)"
+            "help": "JSON file of named SSH hosts, {name: {address, port, user, key, known_hosts, allowed_roots, "
+            "vm_dir}}; clients then pass host=<name> without credentials (tool arguments override)"
         },
     )
 
@@ -119,7 +121,28 @@ class Settings:
     )
     token_file: str = field(
         default="",
-        metadata={"help": "file of bearer tokens, one per line, optionally 'client-id token'"},
+        metadata={
+            "help": "file of bearer tokens, one per line: 'token', or 'client-id token [read|operate|admin] "
+            "[hosts=a,b] [confirm=elicit|require|never]' (no scope: admin)"
+        },
+    )
+    confirm: ConfirmPolicy = field(
+        default="elicit",
+        metadata={
+            "help": "confirmation of destructive calls (delete, a modify that restarts, snapshot revert/delete, "
+            "guest write_file): elicit (ask the user of clients that can; others proceed), require (clients that "
+            "cannot ask are refused), never; a token's confirm= overrides it"
+        },
+    )
+    watch_interval: float = field(
+        default=1.0,
+        metadata={
+            "help": "while a client is subscribed to VM resources, rescan the local vm_dir this often for changes "
+            "made outside the server (a local VM's exit is seen at once anyway)"
+        },
+    )
+    watch_remote_interval: float = field(
+        default=5.0, metadata={"help": "the same for named hosts (one scan over the pooled SSH connection)"}
     )
     allow_unauthenticated: bool = field(
         default=False,

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mcp.server.mcpserver import Context
+from mcp.server.subscriptions import InMemorySubscriptionBus
 
+from .changes import ChangeFeed, Watcher
 from .config import Settings
 from .errors import CredentialUnusable, InvalidInput, SocketUnavailable, VMStateError
 from .hosts.base import Host
@@ -22,6 +24,7 @@ from .hosts.local import LocalHost
 from .hosts.pool import PoolLimits, SSHPool
 from .hosts.ssh import SSHHost
 from .observability import Metrics
+from .scopes import Grant
 from .security import check_ssh_key, client_identity
 from .shared import SharedState
 from .targets import HostRequest, NamedHost, load_named_hosts
@@ -52,6 +55,12 @@ class AppContext:
     operations: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Short-lived signed links to the web console (a random key per process: links die with it).
     console_links: ConsoleLinks = field(default_factory=lambda: ConsoleLinks(secrets.token_bytes(32)))
+    #: Bearer tokens and what each allows (empty: no tokens, every caller may do everything).
+    grants: dict[str, Grant] = field(default_factory=dict)
+    #: Change notifications of the VM resources (its bus is the MCP server's; see build_mcp).
+    changes: ChangeFeed = field(default_factory=lambda: ChangeFeed(InMemorySubscriptionBus()))
+    #: Notices changes made outside the server while somebody is subscribed (set by build_mcp).
+    watcher: Watcher | None = None
 
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
@@ -93,6 +102,10 @@ class AppContext:
             "accel_setting": self.settings.accel,
             "accel": self.shared.accel_probe.known(),
             "ssh": {**self.ssh.snapshot(), "named_hosts": sorted(self.named_hosts)},
+            "resources": {
+                "subscribers": self.changes.interest,
+                "watcher_scans": self.watcher.scans if self.watcher is not None else 0,
+            },
         }
 
     @asynccontextmanager
@@ -168,6 +181,26 @@ class AppContext:
             with sock:
                 yield sock
 
+    def resource_host(self, request: HostRequest, vm_dir: str | None) -> str | None:
+        """The ``host`` of the ``vm://`` resources of a call's VM: ``localhost`` or a named host, and only for the
+        default vm_dir; ``None`` when the VM is no resource (a host given by address, another vm_dir)."""
+        if vm_dir is not None and vm_dir.rstrip("/") != self.default_vm_dir(request).rstrip("/"):
+            return None
+        if request.is_local:
+            return "localhost"
+        name = (request.host or "").strip()
+        if name in self.named_hosts and not (request.ssh_pwd or request.ssh_key or request.ssh_user):
+            return name
+        return None
+
+    def default_vm_dir(self, request: HostRequest) -> str:
+        """A call's vm_dir when it gives none: its named host's ``vm_dir``, else the server's."""
+        if not request.is_local:
+            entry = self.named_hosts.get((request.host or "").strip())
+            if entry is not None and entry.vm_dir:
+                return entry.vm_dir
+        return self.settings.vm_dir
+
     def fence_rules(self, request: HostRequest) -> FenceRules:
         """The roots paths of a call may use on its host (see :mod:`.vm.fence`)."""
         if request.is_local:
@@ -186,13 +219,14 @@ class AppContext:
 
     @asynccontextmanager
     async def vms(self, request: HostRequest, vm_dir: str | None) -> AsyncIterator[VMManager]:
-        """The VMs of ``vm_dir`` (default: the server's) on the call's host, the vm_dir checked against the
-        host's roots (resolved there); every further path is checked by the manager as it uses it.
+        """The VMs of ``vm_dir`` (default: the named host's, else the server's) on the call's host, the vm_dir
+        checked against the host's roots (resolved there); every further path is checked by the manager as it
+        uses it.
 
         :raise InvalidInput: bad host arguments, or a vm_dir outside the roots.
         :raise HostError: the host cannot be reached.
         """
-        directory = validate_path(vm_dir or self.settings.vm_dir, "vm_dir")
+        directory = validate_path(vm_dir or self.default_vm_dir(request), "vm_dir")
         async with self.host(request) as host:
             fence = Fence(host, self.fence_rules(request), self.settings.command_timeout)
             if fence.rules.roots is not None:

@@ -111,7 +111,7 @@ class CallRecord:
     host: str = "localhost"
     vm: str | None = None
     action: str | None = None
-    outcome: Literal["success", "failure", "cancelled"] = "success"
+    outcome: Literal["success", "failure", "cancelled", "input_required"] = "success"
     error: str | None = None
 
     def fail(self, error: str) -> None:
@@ -237,7 +237,8 @@ class Metrics:
         self._sources = _Sources(pool, monitor_streams)
         self.tool_calls = Counter(
             "qemu_mcp_tool_calls",
-            "tool calls, by tool and outcome (success, failure, cancelled)",
+            "tool calls, by tool and outcome (success, failure, cancelled, input_required: a round that asked "
+            "the client's user, 2026-07-28)",
             ["tool", "outcome"],
             registry=self.registry,
         )

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings, is_loopback
 from .errors import InvalidInput, LimitExceeded
+from .scopes import Grant, parse_grant_options
 
 __all__ = [
     "SCOPE",
@@ -52,26 +53,33 @@ audit_log = logging.getLogger("qemu_mcp_http.audit")
 # -- tokens ---------------------------------------------------------------------------------------
 
 
-def load_tokens(settings: Settings) -> dict[str, str]:
-    """``{token: client_id}`` from ``token`` and ``token_file`` (lines: ``token`` or ``client-id token``).
+def load_tokens(settings: Settings) -> dict[str, Grant]:
+    """``{token: grant}`` from ``token`` (admin) and ``token_file``: lines ``token`` (admin) or
+    ``client-id token [read|operate|admin] [hosts=a,b] [confirm=elicit|require|never]`` (see :mod:`.scopes`).
 
-    :raise ValueError: the token file cannot be read or holds no token (the message never shows a token).
+    :raise ValueError: the token file cannot be read, holds no token or a malformed line (the message names
+        the line, never a token).
     """
-    tokens: dict[str, str] = {}
+    tokens: dict[str, Grant] = {}
     if settings.token:
-        tokens[settings.token] = "token-" + fingerprint(settings.token)
+        tokens[settings.token] = Grant("token-" + fingerprint(settings.token))
     if settings.token_file:
         try:
             with open(os.path.expanduser(settings.token_file), encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except OSError as exc:
             raise ValueError(f"cannot read token file {settings.token_file}: {exc.strerror}") from None
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             parts = line.split()
             if not parts or parts[0].startswith("#"):
                 continue
-            token = parts[-1]
-            tokens[token] = parts[0] if len(parts) == 2 else "token-" + fingerprint(token)
+            if len(parts) == 1:
+                tokens[parts[0]] = Grant("token-" + fingerprint(parts[0]))
+                continue
+            try:
+                tokens[parts[1]] = parse_grant_options(parts[0], parts[2:])
+            except ValueError as exc:
+                raise ValueError(f"token file {settings.token_file}, line {number}: {exc}") from None
         if not tokens:
             raise ValueError(f"token file {settings.token_file} holds no token")
     for token in tokens:
@@ -86,21 +94,22 @@ def fingerprint(secret: str) -> str:
 
 
 class StaticTokenVerifier:
-    """The SDK's ``TokenVerifier`` over a fixed set of tokens."""
+    """The SDK's ``TokenVerifier`` over a fixed set of tokens; scopes ``qemu`` (any valid token) and what its
+    grant includes (``read``, ``operate``, ``admin``)."""
 
-    def __init__(self, tokens: dict[str, str]) -> None:
-        self._tokens = [(t.encode(), client_id) for t, client_id in tokens.items()]
+    def __init__(self, tokens: Mapping[str, Grant]) -> None:
+        self._tokens = [(t.encode(), grant) for t, grant in tokens.items()]
 
     async def verify_token(self, token: str) -> AccessToken | None:
         given = token.encode()
-        found: str | None = None
+        found: Grant | None = None
         # Compare with every token, always: the time taken says nothing about which one nearly matched.
-        for known, client_id in self._tokens:
+        for known, grant in self._tokens:
             if hmac.compare_digest(given, known):
-                found = client_id
+                found = grant
         if found is None:
             return None
-        return AccessToken(token=token, client_id=found, scopes=[SCOPE])
+        return AccessToken(token=token, client_id=found.client_id, scopes=[SCOPE, *found.scopes])
 
 
 # -- Host / Origin --------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class NamedHost:
     known_hosts: str | None = None
     #: Remote directories vm_dir, disk and iso must lie under (resolved on the host); empty: the account's rights.
     allowed_roots: tuple[str, ...] = ()
+    #: The host's default vm_dir (calls without vm_dir, its vm:// resources); empty: the server's vm_dir.
+    vm_dir: str = ""
 
 
 def load_named_hosts(path: str) -> dict[str, NamedHost]:
@@ -43,12 +45,12 @@ def load_named_hosts(path: str) -> dict[str, NamedHost]:
     if not isinstance(raw, dict):
         raise ValueError(f"ssh_hosts_file {path}: expected an object of named hosts")
     hosts: dict[str, NamedHost] = {}
-    allowed = {"address", "port", "user", "key", "known_hosts", "allowed_roots"}
+    allowed = {"address", "port", "user", "key", "known_hosts", "allowed_roots", "vm_dir"}
     for name, entry in raw.items():
         if not isinstance(entry, dict) or not {"address", "user"} <= entry.keys() or not entry.keys() <= allowed:
             raise ValueError(
                 f"ssh_hosts_file {path}: host {name!r} needs address and user, "
-                "and may have port, key, known_hosts, allowed_roots"
+                "and may have port, key, known_hosts, allowed_roots, vm_dir"
             )
         try:
             hosts[str(name)] = NamedHost(
@@ -58,10 +60,19 @@ def load_named_hosts(path: str) -> dict[str, NamedHost]:
                 key=str(entry["key"]) if entry.get("key") else None,
                 known_hosts=str(entry["known_hosts"]) if entry.get("known_hosts") else None,
                 allowed_roots=_roots(entry.get("allowed_roots", [])),
+                vm_dir=_absolute(entry.get("vm_dir", "")),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"ssh_hosts_file {path}: host {name!r}: {exc}") from exc
     return hosts
+
+
+def _absolute(raw: object) -> str:
+    if raw == "":
+        return ""
+    if not isinstance(raw, str) or not raw.startswith("/"):
+        raise ValueError("vm_dir must be an absolute path")
+    return raw
 
 
 def _roots(raw: object) -> tuple[str, ...]:

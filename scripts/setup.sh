@@ -20,6 +20,8 @@ if ((want_tests)); then
     # The web console test (tests/test_web_console.py): noVNC's files as the server serves them, and a real
     # headless Chromium driven over the DevTools protocol.
     packages+=(novnc chromium)
+    # The TypeScript MCP SDK as a second client (tests/test_ts_client.py): Debian's Node only when there is no node.
+    command -v node >/dev/null || packages+=(nodejs npm)
 fi
 
 missing=()

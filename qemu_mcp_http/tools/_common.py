@@ -9,12 +9,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from mcp.server.elicitation import ElicitationResult
 from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
+from ..confirm import refusal
 from ..context import AppContext
 from ..errors import QemuMcpError
+from ..scopes import current_grant
 from ..security import audit, client_identity
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "SshUserArg",
     "ToolResult",
     "VmDirArg",
+    "Changed",
     "ToolSpec",
     "audited_change",
     "envelope",
@@ -95,11 +99,24 @@ async def guarded(work: Awaitable[tuple[str, dict[str, Any]]], base: dict[str, A
     return envelope(True, message, {**base, **data})
 
 
+@dataclass(frozen=True)
+class Changed:
+    """The VM resource a state-changing call touches (see :meth:`AppContext.resource_host`)."""
+
+    host: str
+    name: str
+    #: It appears or goes away (create, delete): the resource list changes too.
+    listed: bool = False
+
+
 async def audited_change(
     app: AppContext,
     ctx: Context[Any, Any],
     work: Coroutine[Any, Any, tuple[str, dict[str, Any]]],
     base: dict[str, Any],
+    *,
+    confirmation: ElicitationResult[Any] | None = None,
+    changed: Changed | None = None,
     **audit_fields: Any,
 ) -> CallToolResult:
     """Run a state-changing tool body to its end, even if the client goes away meanwhile, and audit it.
@@ -107,14 +124,25 @@ async def audited_change(
     A VM half stopped because a client disconnected would help nobody: the work runs in a task of the
     server's (see :meth:`AppContext.detach`); a cancelled call stops waiting for it, and the audit line,
     written when the work ends whatever happened, says ``client_gone``.
+
+    ``confirmation``: the user's answer (see :mod:`..confirm`); a refusal runs nothing. ``changed``: the
+    resource whose subscribers hear of the change once it succeeded.
     """
     client = client_identity(ctx)
+    scope = current_grant(app.grants).scope
+    refused = refusal(confirmation) if confirmation is not None else None
+    if refused is not None:
+        work.close()
+        audit(app.settings, client=client, scope=scope, **audit_fields, success=False, result=refused)
+        return envelope(False, refused, {**base, "error": "NotConfirmed"})
     gone = False
 
     async def body() -> CallToolResult:
         result: CallToolResult | None = None
         try:
             result = await guarded(work, base)
+            if changed is not None and not result.is_error:
+                await app.changes.vm_changed(changed.host, changed.name, listed=changed.listed)
             return result
         finally:
             outcome = (result.structured_content or {}) if result is not None else {}
@@ -122,6 +150,7 @@ async def audited_change(
             audit(
                 app.settings,
                 client=client,
+                scope=scope,
                 **audit_fields,
                 success=bool(outcome.get("success")),
                 result=outcome.get("message", "cancelled (the server is shutting down)"),

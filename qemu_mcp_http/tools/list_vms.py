@@ -73,11 +73,7 @@ async def list_vms(
                 continue
             if needle and needle not in definition.name.lower():
                 continue
-            row = {"name": definition.name, **definition.summary(), **state.summary()}
-            ssh = vms.ssh_hint(definition)
-            if ssh is not None:
-                row["ssh"] = ssh
-            rows.append(row)
+            rows.append(vms.row(definition, state))
         rows.sort(key=lambda row: row["name"])
         where = "locally" if request.is_local else f"on {request.display_name}"
         qualifier = "" if status == "all" else f"{status} "

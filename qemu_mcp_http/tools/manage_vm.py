@@ -10,11 +10,13 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
+from ..confirm import ManageConfirmation
 from ..context import AppContext
 from ..errors import InvalidInput
 from ..targets import HostRequest
 from ..vm.create import GuestAccess
 from ._common import (
+    Changed,
     HostArg,
     SshKeyArg,
     SshPortArg,
@@ -48,6 +50,7 @@ async def manage_vm(
     name: Annotated[str, Field(description="VM name, unique per host: [A-Za-z0-9][A-Za-z0-9._-]{0,62}")],
     action: Annotated[Action, Field(description="Operation: create, start, stop, delete or modify")],
     ctx: Context[AppContext, Any],
+    confirmation: ManageConfirmation,
     arch: Annotated[
         ArchArg | None, Field(description="CPU architecture, required for create: x86_64 (amd64) or arm64 (aarch64)")
     ] = None,
@@ -152,7 +155,12 @@ async def manage_vm(
                 )
             return message, {"details": details}
 
-    return await audited_change(app, ctx, work(), base, host=request.display_name, vm=name, action=action)
+    where = app.resource_host(request, vm_dir)
+    changed = Changed(where, name, listed=action in ("create", "delete")) if where else None
+    return await audited_change(
+        app, ctx, work(), base, confirmation=confirmation, changed=changed, host=request.display_name, vm=name,
+        action=action,
+    )  # fmt: skip
 
 
 TOOL = ToolSpec("manage_vm", manage_vm, DESCRIPTION, ANNOTATIONS)

@@ -8,6 +8,7 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
+from ..confirm import GuestWriteConfirmation
 from ..context import AppContext
 from ..errors import InvalidInput
 from ..targets import HostRequest
@@ -43,6 +44,7 @@ async def vm_guest(
     name: Annotated[str, Field(description="Name of the running VM")],
     action: Annotated[Action, Field(description="exec, read_file, write_file or info")],
     ctx: Context[AppContext, Any],
+    confirmation: GuestWriteConfirmation,
     command: Annotated[
         list[str] | str | None,
         Field(description="exec: argv list such as ['uname', '-a'], or a string run with /bin/sh -c"),
@@ -89,10 +91,10 @@ async def vm_guest(
 
     # The audit names the command or the file, never what goes in or out.
     shown = command if isinstance(command, str) else " ".join(command) if command else None
-    target = {"command": shown[:300] if shown else None, "path": path}
     return await audited_change(
-        app, ctx, work(), base, host=request.display_name, vm=name, action=f"guest-{action}", **target
-    )
+        app, ctx, work(), base, confirmation=confirmation, host=request.display_name, vm=name,
+        action=f"guest-{action}", command=shown[:300] if shown else None, path=path,
+    )  # fmt: skip
 
 
 TOOL = ToolSpec("vm_guest", vm_guest, DESCRIPTION, ANNOTATIONS)

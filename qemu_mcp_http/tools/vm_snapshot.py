@@ -10,10 +10,12 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
+from ..confirm import SnapshotConfirmation
 from ..context import AppContext
 from ..errors import InvalidInput
 from ..targets import HostRequest
 from ._common import (
+    Changed,
     HostArg,
     SshKeyArg,
     SshPortArg,
@@ -46,6 +48,7 @@ async def vm_snapshot(
     name: Annotated[str, Field(description="Name of the VM")],
     action: Annotated[Action, Field(description="create, list, revert or delete")],
     ctx: Context[AppContext, Any],
+    confirmation: SnapshotConfirmation,
     snapshot: Annotated[
         str | None, Field(description="The snapshot's name (create: default snap-<UTC time>; revert/delete: required)")
     ] = None,
@@ -87,9 +90,11 @@ async def vm_snapshot(
 
     if action == "list":
         return await guarded(work(), base)
+    where = app.resource_host(request, vm_dir)
     return await audited_change(
-        app, ctx, work(), base, host=request.display_name, vm=name, action=f"snapshot-{action}", snapshot=snapshot
-    )
+        app, ctx, work(), base, confirmation=confirmation, changed=Changed(where, name) if where else None,
+        host=request.display_name, vm=name, action=f"snapshot-{action}", snapshot=snapshot,
+    )  # fmt: skip
 
 
 TOOL = ToolSpec("vm_snapshot", vm_snapshot, DESCRIPTION, ANNOTATIONS)

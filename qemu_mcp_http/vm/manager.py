@@ -163,6 +163,14 @@ class VMOps:
             and d.image.get("path") == definition.disk.path
         )
 
+    def row(self, definition: VMDefinition, state: VMState) -> dict[str, Any]:
+        """One VM as ``list_vms`` (and the ``vm://`` resource) shows it."""
+        row = {"name": definition.name, **definition.summary(), **state.summary()}
+        ssh = self.ssh_hint(definition)
+        if ssh is not None:
+            row["ssh"] = ssh
+        return row
+
     def ssh_hint(self, definition: VMDefinition) -> dict[str, Any] | None:
         """How a person logs in to the guest's forwarded port 22 (from the definition: no guest round trip)."""
         port = definition.ssh_port
