@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
 from .config import Settings
@@ -37,13 +38,16 @@ def build_app(settings: Settings) -> Starlette:
     tokens = load_tokens(settings)
     verifier = StaticTokenVerifier(tokens) if tokens else None
     mcp = build_mcp(app_context, tokens)
-    mcp_app = mcp.streamable_http_app(
+    mcp_app: ASGIApp = mcp.streamable_http_app(
         streamable_http_path="/mcp",
         host=settings.host,
         max_request_body_size=settings.max_request_bytes,
+        stateless_http=settings.stateless,
         # Host/Origin are checked by HeaderGuard for the whole app (see security.py).
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
+    if settings.stateless:
+        mcp_app = _no_standalone_stream(mcp_app)
 
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse(app_context.health())
@@ -94,6 +98,21 @@ def build_app(settings: Settings) -> Starlette:
     )
     starlette.state.shutdown = app_context.shared.shutdown
     return starlette
+
+
+def _no_standalone_stream(app: ASGIApp) -> ASGIApp:
+    """Stateless, ``GET /mcp`` would open a server-to-client stream that nothing ever writes to and that never
+    ends; 405 tells clients (the TypeScript SDK opens it) that there is none."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].rstrip("/") == "/mcp":
+            response = PlainTextResponse("no standalone stream in stateless mode", status_code=405)
+            response.headers["Allow"] = "POST, DELETE"
+            await response(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 async def _probe_local_accel(app_context: AppContext) -> None:

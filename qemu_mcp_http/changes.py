@@ -174,6 +174,9 @@ class ChangeFeed:
             await self.bus.publish(ResourcesListChanged())
 
     def _on_bus_event(self, event: ServerEvent) -> None:
+        if isinstance(event, ResourceUpdated) and (parsed := parse_vm_uri(event.uri)) is not None:
+            # Heard from a tool of this server or of another replica: the watcher need not say it again.
+            self.published.add(parsed)
         if not self._legacy:
             return
         with contextlib.suppress(asyncio.QueueFull):  # a stuck client must not grow the server without bound
@@ -242,6 +245,8 @@ class Watcher:
         """Nobody listens: drop what was seen (the next subscriber starts from a fresh scan) and the pidfds."""
         self._known.clear()
         self._due.clear()
+        self.feed.published.clear()
+        self.feed.list_published.clear()
         for fd in list(self._pidfds.values()):
             self._close_pidfd(fd)
         self._pidfds.clear()

@@ -17,7 +17,7 @@ from typing import Literal, TextIO
 
 from .config import Invocation, Settings
 from .hosts.local import LocalHost
-from .security import load_tokens
+from .security import load_shared_secret, load_tokens
 from .targets import load_named_hosts
 from .vm.accel import AccelProbe
 from .vm.argv import ARM64_FIRMWARE
@@ -74,6 +74,12 @@ def _checks(invocation: Invocation) -> Iterator[Check]:
             "named SSH hosts",
             lambda: f"{len(load_named_hosts(settings.ssh_hosts_file))} in {settings.ssh_hosts_file}",
             "fix the file named above",
+        )
+    if settings.shared_secret_file:
+        yield _from_loader(
+            "shared secret",
+            lambda: f"{settings.shared_secret_file} holds {len(load_shared_secret(settings) or b'')} bytes",
+            "write at least 32 random bytes to it (openssl rand -hex 32)",
         )
     found: dict[str, str] = {}
     for binary, package in BINARIES.items():

@@ -190,6 +190,35 @@ class Settings:
     novnc_dir: str = field(
         default="/usr/share/novnc", metadata={"help": "noVNC's files, served by the web console (Debian: novnc)"}
     )
+    # Replicas and fleets.
+    stateless: bool = field(
+        default=False,
+        metadata={
+            "help": "serve handshake-revision (2025) clients statelessly, so that any replica answers any request "
+            "behind a round-robin balancer; they then get no elicitation and no resources/subscribe notifications "
+            "(2026-07-28 clients are stateless anyway); without it, balance them with sticky sessions"
+        },
+    )
+    redis_url: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "redis://host:port/db: replicas share resource-change events through Redis pub/sub "
+            "(empty: events stay in this process)"
+        },
+    )
+    shared_secret_file: str = field(
+        default="",
+        metadata={
+            "help": "file holding a secret (>= 32 bytes) the replicas share: it seals the request_state of "
+            "multi-round calls (elicitation) and signs web console links, so that any replica accepts them "
+            "(empty: a random secret per process)"
+        },
+    )
+    all_hosts_exclude_local: bool = field(
+        default=False,
+        metadata={"help": "list_vms host='*' asks only the named hosts, not the local machine"},
+    )
     audit_log: str = field(
         default="",
         metadata={"help": "also append audit lines (JSON) to this file; they always go to the log"},

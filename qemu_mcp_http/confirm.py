@@ -97,14 +97,14 @@ async def _decide(ctx: Context[AppContext, Any], what: str, question: Callable[[
 
 
 async def _with_vms(
-    ctx: Context[AppContext, Any], request: HostRequest, vm_dir: str | None, fallback: str,
+    ctx: Context[AppContext, Any], request: HostRequest, vm_dir: str | None, name: str, fallback: str,
     describe: Callable[[VMManager], Awaitable[str]],
 ) -> str:  # fmt: skip
     """The question, with what the VM's files say; the plain ``fallback`` when they cannot be read (the
     call itself then says what is wrong)."""
     app = ctx.request_context.lifespan_context
     try:
-        async with app.vms(request, vm_dir) as vms:
+        async with app.vms(request, vm_dir, name=name) as vms:
             return await describe(vms)
     except QemuMcpError:
         return fallback
@@ -146,7 +146,9 @@ async def confirm_manage_vm(
             return f"Delete VM {name} {where}? Its directory's files go and {fate}.{now} This cannot be undone."
 
         fallback = f"Delete VM {name} {where} and the disk it created? This cannot be undone."
-        return await _decide(ctx, f"deleting VM {name}", lambda: _with_vms(ctx, request, vm_dir, fallback, deleting))
+        return await _decide(
+            ctx, f"deleting VM {name}", lambda: _with_vms(ctx, request, vm_dir, name, fallback, deleting)
+        )
     given = {"memory": memory, "vcpus": vcpus, "ports": ports, "cloud_init": cloud_init}
     restarting = [key for key in RESTARTING if given[key] is not None]
     if action != "modify" or not restarting:
@@ -155,7 +157,7 @@ async def confirm_manage_vm(
     async def running() -> bool:
         app = ctx.request_context.lifespan_context
         try:
-            async with app.vms(request, vm_dir) as vms:
+            async with app.vms(request, vm_dir, name=name) as vms:
                 definition = await vms.store.load(validate_name(name))
                 return (await vms.state_of(definition)).status == "running"
         except QemuMcpError:

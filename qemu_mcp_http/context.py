@@ -27,11 +27,12 @@ from .observability import Metrics
 from .scopes import Grant
 from .security import check_ssh_key, client_identity
 from .shared import SharedState
-from .targets import HostRequest, NamedHost, load_named_hosts
+from .targets import HostRequest, NamedHost, load_host_groups, load_named_hosts
 from .version import __version__
 from .vm.fence import Fence, FenceRules
+from .vm.index import VMIndex
 from .vm.lifecycle import VMManager
-from .vm.spec import validate_name, validate_path
+from .vm.spec import NAME_RE, validate_name, validate_path
 from .webconsole import ConsoleGrant, ConsoleLinks, console_path
 
 __all__ = ["AppContext"]
@@ -50,6 +51,7 @@ class AppContext:
     local: LocalHost = field(default_factory=LocalHost)
     ssh: SSHPool = field(init=False)
     named_hosts: dict[str, NamedHost] = field(init=False)
+    host_groups: dict[str, tuple[str, ...]] = field(init=False)
     metrics: Metrics = field(init=False)
     #: State-changing calls run to their end in these tasks, even when their client goes away.
     operations: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -68,6 +70,7 @@ class AppContext:
         streams = self.shared.monitor_streams
         self.metrics = Metrics(pool=self.ssh.snapshot, monitor_streams=lambda: streams.running)
         self.named_hosts = load_named_hosts(self.settings.ssh_hosts_file)
+        self.host_groups = load_host_groups(self.settings.ssh_hosts_file, self.named_hosts)
 
     async def __aenter__(self) -> AppContext:
         return self
@@ -193,6 +196,21 @@ class AppContext:
             return name
         return None
 
+    def fleet_hosts(self, target: str) -> list[str]:
+        """The hosts ``*`` (every named host, and the local machine unless --all-hosts-exclude-local) or
+        ``@group`` (the hosts file's group) stand for.
+
+        :raise InvalidInput: an unknown group (the message lists the groups).
+        """
+        if target == "*":
+            local = [] if self.settings.all_hosts_exclude_local else ["localhost"]
+            return local + sorted(self.named_hosts)
+        group = target[1:]
+        if group not in self.host_groups:
+            known = ", ".join("@" + g for g in sorted(self.host_groups)) or "none (add groups to the hosts file)"
+            raise InvalidInput("host", f"no group {group!r}; the groups are: {known}")
+        return list(self.host_groups[group])
+
     def default_vm_dir(self, request: HostRequest) -> str:
         """A call's vm_dir when it gives none: its named host's ``vm_dir``, else the server's."""
         if not request.is_local:
@@ -218,18 +236,28 @@ class AppContext:
         return FenceRules(roots=None, source=request.display_name)
 
     @asynccontextmanager
-    async def vms(self, request: HostRequest, vm_dir: str | None) -> AsyncIterator[VMManager]:
+    async def vms(
+        self, request: HostRequest, vm_dir: str | None, *, name: str | None = None
+    ) -> AsyncIterator[VMManager]:
         """The VMs of ``vm_dir`` (default: the named host's, else the server's) on the call's host, the vm_dir
         checked against the host's roots (resolved there); every further path is checked by the manager as it
         uses it.
 
+        ``name``: the VM the call is about; without ``vm_dir``, the host's index may place it elsewhere.
+
         :raise InvalidInput: bad host arguments, or a vm_dir outside the roots.
         :raise HostError: the host cannot be reached.
         """
-        directory = validate_path(vm_dir or self.default_vm_dir(request), "vm_dir")
+        default = validate_path(self.default_vm_dir(request), "vm_dir")
+        directory = validate_path(vm_dir, "vm_dir") if vm_dir else default
         async with self.host(request) as host:
+            s = self.settings
+            index = VMIndex(host, default, timeout=s.command_timeout, lock_timeout=s.lock_timeout)
+            if vm_dir is None and name is not None and NAME_RE.fullmatch(name):
+                # A VM created in another vm_dir is found by its name (see vm/index.py).
+                directory = await index.lookup(name) or directory
             fence = Fence(host, self.fence_rules(request), self.settings.command_timeout)
             if fence.rules.roots is not None:
                 real = (await fence.resolve([directory]))[0]
                 fence.check_roots("vm_dir", directory, real, "vm_dir")
-            yield VMManager(host, directory, self.settings, self.shared, fence)
+            yield VMManager(host, directory, self.settings, self.shared, fence, index)

@@ -69,7 +69,7 @@ def register_resources(server: MCPServer[AppContext], app: AppContext, grant: Ca
         request = request_for(host)
         try:
             vm = validate_name(name)
-            async with app.vms(request, None) as vms:
+            async with app.vms(request, None, name=vm) as vms:
                 return await work(vms, vm)
         except (VMNotFound, InvalidInput) as exc:
             raise ResourceNotFoundError(exc.message) from exc

@@ -142,7 +142,9 @@ def refusal(grant: Grant, tool: str, arguments: Mapping[str, Any]) -> str | None
             f"{what} needs the {scope} scope; the token of client {grant.client_id} has {grant.scope} "
             "(ask the operator for a token with that scope)"
         )
-    name = str(arguments.get("host") or "localhost")
+    name = str(arguments.get("host") or "localhost").strip()
+    if name == "*" or name.startswith("@"):
+        return None  # list_vms asks only the hosts of the set the grant reaches
     if not grant.reaches(name):
         allowed = ", ".join(sorted(grant.hosts or ())) or "none"
         return f"the token of client {grant.client_id} may not reach host {name!r} (its hosts: {allowed})"

@@ -43,6 +43,8 @@ __all__ = [
     "audit",
     "check_ssh_key",
     "client_identity",
+    "derive_key",
+    "load_shared_secret",
     "load_tokens",
 ]
 
@@ -86,6 +88,31 @@ def load_tokens(settings: Settings) -> dict[str, Grant]:
         if len(token) < 16:
             raise ValueError("a bearer token must be at least 16 characters long")
     return tokens
+
+
+def load_shared_secret(settings: Settings) -> bytes | None:
+    """The replicas' shared secret (``--shared-secret-file``), or ``None`` when none is set.
+
+    :raise ValueError: the file cannot be read or holds fewer than 32 bytes (the message never shows it).
+    """
+    if not settings.shared_secret_file:
+        return None
+    try:
+        with open(os.path.expanduser(settings.shared_secret_file), "rb") as f:
+            secret = f.read(4096).strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read shared secret file {settings.shared_secret_file}: {exc.strerror}") from None
+    if len(secret) < 32:
+        raise ValueError(
+            f"shared secret file {settings.shared_secret_file} holds {len(secret)} bytes; give at least 32 "
+            "(e.g. openssl rand -hex 32)"
+        )
+    return secret
+
+
+def derive_key(secret: bytes, purpose: str) -> bytes:
+    """A key for one purpose from the shared secret (a leak of one key reveals nothing of the others)."""
+    return hmac.new(secret, purpose.encode(), hashlib.sha256).digest()
 
 
 def fingerprint(secret: str) -> str:

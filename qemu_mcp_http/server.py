@@ -12,22 +12,24 @@ from typing import Any
 
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, MCPServer, RequestStateSecurity
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, InputRequiredResult, SubscribeRequestParams, UnsubscribeRequestParams
 from mcp_types import Tool as MCPTool
 from pydantic import AnyHttpUrl, ValidationError
 
 from . import __version__
-from .changes import VMFingerprint, Watcher
+from .bus import RedisSubscriptionBus
+from .changes import ChangeFeed, VMFingerprint, Watcher
 from .context import AppContext
 from .observability import Metrics, call_record, printable, settle, tool_call
 from .resources import register_resources
 from .scopes import Grant, current_grant, refusal, tool_visible
-from .security import SCOPE, StaticTokenVerifier, load_tokens
+from .security import SCOPE, StaticTokenVerifier, derive_key, load_shared_secret, load_tokens
 from .targets import HostRequest
 from .tools import TOOLS
 from .tools._common import envelope, validation_envelope
+from .webconsole import ConsoleLinks
 
 __all__ = ["QemuMCPServer", "build_mcp"]
 
@@ -109,6 +111,15 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
     settings = app_context.settings
     tokens = load_tokens(settings) if tokens is None else tokens
     app_context.grants = tokens
+    secret = load_shared_secret(settings)
+    extra: dict[str, Any] = {}
+    if secret is not None:
+        # Any replica must open what another sealed (a multi-round call's state) or signed (console links).
+        extra["request_state_security"] = RequestStateSecurity(keys=[derive_key(secret, "request-state")])
+        app_context.console_links = ConsoleLinks(derive_key(secret, "console-links"))
+    redis_bus = RedisSubscriptionBus(settings.redis_url) if settings.redis_url else None
+    if redis_bus is not None:
+        app_context.changes = ChangeFeed(redis_bus)
     feed = app_context.changes
 
     def may_watch(host: str) -> bool:
@@ -128,12 +139,16 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with app_context:
             tasks = [asyncio.create_task(feed.run()), asyncio.create_task(watcher.run())]
+            if redis_bus is not None:
+                tasks.append(asyncio.create_task(redis_bus.run()))
             try:
                 yield app_context
             finally:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if redis_bus is not None:
+                    await redis_bus.aclose()
                 await app_context.shared.aclose()
 
     auth: dict[str, Any] = {}
@@ -153,8 +168,9 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         "resources (vm://{host}/{name}, /console, /screen) with change notifications.",
         lifespan=lifespan,
         subscriptions=feed.bus,
-        middleware=[feed.listen_middleware, _advertise_list_changed],
+        middleware=[feed.listen_middleware, *([] if settings.stateless else [_advertise_list_changed])],
         **auth,
+        **extra,
     )
     for spec in TOOLS:
         server.add_tool(spec.fn, name=spec.name, description=spec.description, annotations=spec.annotations)
@@ -164,9 +180,12 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
     server.metrics = app_context.metrics
     server.tool_names = frozenset(spec.name for spec in TOOLS)
     server.grants = tokens
-    low = server._lowlevel_server
-    low.add_request_handler("resources/subscribe", SubscribeRequestParams, feed.on_subscribe)
-    low.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, feed.on_unsubscribe)
+    if not settings.stateless:
+        # Stateless, a 2025 session ends with each request: it could never be notified; without the handler,
+        # such clients see resources.subscribe false instead of subscribing in vain.
+        low = server._lowlevel_server
+        low.add_request_handler("resources/subscribe", SubscribeRequestParams, feed.on_subscribe)
+        low.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, feed.on_unsubscribe)
     register_resources(server, app_context, lambda: current_grant(tokens))
     return server
 

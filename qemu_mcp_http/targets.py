@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from .errors import InvalidInput
 from .hosts.pool import SSHTarget
 
-__all__ = ["LOCAL_NAMES", "HostRequest", "NamedHost", "load_named_hosts"]
+__all__ = ["GROUPS_KEY", "LOCAL_NAMES", "HostRequest", "NamedHost", "load_host_groups", "load_named_hosts"]
 
 LOCAL_NAMES = ("", "localhost")
+#: The hosts file's key for groups of hosts, ``{"groups": {"ci": ["ci1", "ci2"]}}`` (not a host's name).
+GROUPS_KEY = "groups"
 
 
 @dataclass(frozen=True)
@@ -37,16 +39,12 @@ def load_named_hosts(path: str) -> dict[str, NamedHost]:
     """
     if not path:
         return {}
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"ssh_hosts_file {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"ssh_hosts_file {path}: expected an object of named hosts")
+    raw = _read_hosts_file(path)
     hosts: dict[str, NamedHost] = {}
     allowed = {"address", "port", "user", "key", "known_hosts", "allowed_roots", "vm_dir"}
     for name, entry in raw.items():
+        if name == GROUPS_KEY:
+            continue
         if not isinstance(entry, dict) or not {"address", "user"} <= entry.keys() or not entry.keys() <= allowed:
             raise ValueError(
                 f"ssh_hosts_file {path}: host {name!r} needs address and user, "
@@ -65,6 +63,38 @@ def load_named_hosts(path: str) -> dict[str, NamedHost]:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"ssh_hosts_file {path}: host {name!r}: {exc}") from exc
     return hosts
+
+
+def load_host_groups(path: str, hosts: Mapping[str, NamedHost]) -> dict[str, tuple[str, ...]]:
+    """``{group: (host, ...)}`` from the hosts file's ``groups``; members are named hosts or ``localhost``.
+
+    :raise ValueError: a malformed group or an unknown member (the message names it).
+    """
+    if not path:
+        return {}
+    raw = _read_hosts_file(path).get(GROUPS_KEY, {})
+    if not isinstance(raw, dict):
+        raise ValueError(f"ssh_hosts_file {path}: groups must be an object of lists of host names")
+    groups: dict[str, tuple[str, ...]] = {}
+    for group, members in raw.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ValueError(f"ssh_hosts_file {path}: group {group!r} must be a list of host names")
+        unknown = [m for m in members if m != "localhost" and m not in hosts]
+        if unknown:
+            raise ValueError(f"ssh_hosts_file {path}: group {group!r} names unknown hosts: {', '.join(unknown)}")
+        groups[str(group)] = tuple(dict.fromkeys(members))
+    return groups
+
+
+def _read_hosts_file(path: str) -> dict[str, object]:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"ssh_hosts_file {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"ssh_hosts_file {path}: expected an object of named hosts")
+    return raw
 
 
 def _absolute(raw: object) -> str:
@@ -124,6 +154,8 @@ class HostRequest:
         host = (self.host or "").strip()
         if not host:
             raise InvalidInput("host", "give the remote host name or IP address")
+        if host == "*" or host.startswith("@"):
+            raise InvalidInput("host", f"{host!r} (every host, a group) is for list_vms only; name one host here")
         if host.startswith("-") or any(c.isspace() or not c.isprintable() or c in "/@" for c in host):
             raise InvalidInput("host", f"{host!r} is not a host name or IP address")
         if not self.ssh_user:

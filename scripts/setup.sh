@@ -22,6 +22,9 @@ if ((want_tests)); then
     packages+=(novnc chromium)
     # The TypeScript MCP SDK as a second client (tests/test_ts_client.py): Debian's Node only when there is no node.
     command -v node >/dev/null || packages+=(nodejs npm)
+    # Replicas behind a load balancer (tests/test_replicas.py): a real Redis for the shared events, and HAProxy
+    # running deploy/haproxy.cfg (also checked with `haproxy -c` by tests/container/test_deploy.py).
+    packages+=(redis-server haproxy)
 fi
 
 missing=()

@@ -19,6 +19,7 @@ from qemu_mcp_http.errors import (
     HostAuthFailed,
     HostKeyRejected,
     HostUnreachable,
+    OperationTimeout,
     SocketUnavailable,
 )
 from qemu_mcp_http.hosts import PoolLimits, SSHHost, SSHPool, SSHTarget
@@ -243,3 +244,35 @@ async def test_host_key_policies(sshd: SSHServer, tmp_path: Path) -> None:
         await SSHHost(pool, key_target(sshd)).run(["true"], timeout=T)
     async with pool_of(limits(sshd, known_hosts=str(empty), host_key_policy="off")) as pool:
         await SSHHost(pool, key_target(sshd)).run(["true"], timeout=T)
+
+
+async def test_remote_lock_holds_across_pools_and_dies_with_its_connection(sshd: SSHServer) -> None:
+    """The per-VM lock of an SSH host is a flock held by a process there: a second pool (another server)
+    waits for it, gives up at its timeout with the lock-timeout message, and gets it as soon as the holder's
+    connection closes (a server that dies); a discarded lock removes its file while still holding it."""
+    path = f"{sshd.vm_dir}/.locks/web.lock"
+    async with pool_of(limits(sshd)) as first, pool_of(limits(sshd)) as second:
+        a, b = SSHHost(first, key_target(sshd)), SSHHost(second, key_target(sshd))
+        async with a.lock_file(path, timeout=T) as held:
+            assert held.held and os.path.exists(path)
+            with pytest.raises(OperationTimeout, match=f"another process held the lock {path}"):
+                async with b.lock_file(path, timeout=1):
+                    pass
+            began = time.monotonic()
+
+            async def release_soon() -> None:
+                await asyncio.sleep(1.0)
+                await first.aclose()  # the holder's connections close, as when its server dies
+
+            closer = asyncio.create_task(release_soon())
+            async with b.lock_file(path, timeout=T) as taken:
+                waited = time.monotonic() - began
+                assert taken.held and 0.9 < waited < 5, waited
+                taken.discard()
+            await closer
+        assert not os.path.exists(path)  # removed by the discarding holder
+    async with pool_of(limits(sshd)) as pool:
+        host = SSHHost(pool, key_target(sshd))
+        async with host.lock_file(f"{sshd.root}/no-such-vm-dir/.locks/x.lock", timeout=T) as notional:
+            assert not notional.held  # no vm_dir: nothing to guard, nothing created
+        assert not os.path.exists(f"{sshd.root}/no-such-vm-dir")

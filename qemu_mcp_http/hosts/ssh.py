@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import shlex
 import socket
 import stat as stat_mod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import asyncssh
@@ -33,7 +34,7 @@ from ..errors import (
     OperationTimeout,
     SocketUnavailable,
 )
-from .base import SMALL_FILE_MAX, FileStat, Host, SubdirFiles
+from .base import SMALL_FILE_MAX, FileLock, FileStat, Host, SubdirFiles
 from .pool import SSHConnection, SSHPool, SSHTarget
 from .scan import ScanChanged, parse_scan, scan_argv
 
@@ -142,6 +143,57 @@ class SSHHost(Host):
             raise HostError(f"running {argv[0]} on {self.name} failed: {_reason(exc)}") from exc
         returncode = proc.returncode if proc.returncode is not None else -1
         return returncode, _bytes(out), _bytes(err)
+
+    # -- locks -----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lock_file(self, path: str, *, timeout: float) -> AsyncIterator[FileLock]:
+        """``flock`` held by a process on the host for the block (one channel of a pooled connection).
+
+        The process ends, and the lock with it, when the block ends, when the channel or the connection
+        closes, or when this server dies: another server (a replica) operating on the same remote VM waits
+        for it. A host without ``flock`` (util-linux) or without the vm_dir yet gives a notional lock.
+        """
+        command = shlex.join(["sh", "-c", _LOCK_SCRIPT, "qemu-mcp-lock", path, str(max(0, math.ceil(timeout)))])
+        async with self.pool.exec_slot(self.target, timeout) as conn:
+            self.pool.stats.count(channels_opened=1, exec_requests=1, round_trips=2)
+            try:
+                proc = await asyncio.wait_for(conn.conn.create_process(command, encoding=None), timeout)
+            except (asyncssh.Error, OSError, TimeoutError) as exc:
+                raise HostError(f"cannot take the lock {path} on {self.name}: {_reason(exc)}") from exc
+            try:
+                try:
+                    # flock -w gives up at the timeout; the margin covers the round trips.
+                    line = await asyncio.wait_for(proc.stdout.readline(), timeout + 10)
+                except (asyncssh.Error, OSError, TimeoutError) as exc:
+                    raise HostError(f"the lock {path} on {self.name} did not answer: {_reason(exc)}") from exc
+                answer = _text(line).strip()
+                if answer in ("NODIR", "NOFLOCK"):
+                    if answer == "NOFLOCK":
+                        log.warning("%s has no flock (util-linux): VM locks there hold within this server only",
+                                    self.name)  # fmt: skip
+                    yield FileLock(path, held=False)
+                    return
+                if answer == "TIMEOUT":
+                    raise OperationTimeout(
+                        f"another process held the lock {path} on {self.name} for more than {timeout:g} s"
+                    )
+                if answer != "LOCKED":
+                    err = _text(await _drain(proc.stderr)).strip()
+                    raise HostError(f"cannot take the lock {path} on {self.name}: {err or answer or 'no answer'}")
+                lock = FileLock(path, held=True)
+                try:
+                    yield lock
+                finally:
+                    with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+                        proc.stdin.write(b"remove\n" if lock.remove_on_release else b"keep\n")
+                        proc.stdin.write_eof()
+                        await asyncio.wait_for(proc.wait(), 5)
+            finally:
+                if proc.returncode is None and proc.exit_signal is None:
+                    with contextlib.suppress(Exception):
+                        proc.kill()
+                proc.close()
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -401,6 +453,35 @@ async def _open_or_none(sftp: asyncssh.SFTPClient, path: str) -> asyncssh.SFTPCl
         raise
     except asyncssh.SFTPError:
         return None
+
+
+#: Holds ``flock`` on $1 (waiting at most $2 s) until a line comes on stdin ("remove": unlink it first, while
+#: held) or stdin ends. A holder may have removed the file as it let go: only the file still at the path counts.
+_LOCK_SCRIPT = r"""
+p=$1 t=$2 d=${1%/*}
+[ -d "${d%/*}" ] || { echo NODIR; exit 0; }
+command -v flock >/dev/null 2>&1 || { echo NOFLOCK; exit 0; }
+umask 077
+mkdir -p -- "$d" || exit 3
+end=$(( $(date +%s) + t ))
+while :; do
+    exec 9>>"$p" || exit 3
+    left=$(( end - $(date +%s) )); [ "$left" -ge 0 ] || left=0
+    flock -w "$left" 9 || { echo TIMEOUT; exit 0; }
+    [ "$(stat -L -c %d:%i /proc/$$/fd/9)" = "$(stat -c %d:%i -- "$p" 2>/dev/null)" ] && break
+    exec 9>&-
+done
+echo LOCKED
+read -r how
+[ "$how" = remove ] && rm -f -- "$p"
+exit 0
+"""
+
+
+async def _drain(stream: asyncssh.SSHReader[bytes]) -> bytes:
+    with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
+        return await asyncio.wait_for(stream.read(4096), 2)
+    return b""
 
 
 def _bytes(data: bytes | str | None) -> bytes:

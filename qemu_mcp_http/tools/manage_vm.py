@@ -135,7 +135,7 @@ async def manage_vm(
             await ctx.report_progress(round(elapsed, 1), wait_timeout, note)
 
     async def work() -> tuple[str, dict[str, Any]]:
-        async with app.vms(request, vm_dir) as vms:
+        async with app.vms(request, vm_dir, name=None if action == "create" else name) as vms:
             if action == "create":
                 access = GuestAccess(image=image, clone=clone, cloud_init=cloud_init, ports=ports, network=network)
                 details = await vms.create(name, arch, memory, vcpus, disk, iso, access)

@@ -77,7 +77,7 @@ async def monitor_vm_status(
         with app.shared.monitor_streams.slot(
             client, settings.max_monitor_streams_per_client, settings.max_monitor_streams
         ):
-            async with app.vms(request, vm_dir) as vms:
+            async with app.vms(request, vm_dir, name=name) as vms:
                 try:
                     # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
                     await app.shared.shutdown.cancel_on_shutdown(

@@ -83,7 +83,7 @@ async def vm_console(
     async def work() -> tuple[str, dict[str, Any]]:
         if action == "web":
             app.console_host(request)  # before any connection: a link never carries credentials
-        async with app.vms(request, vm_dir) as vms:
+        async with app.vms(request, vm_dir, name=name) as vms:
             if action == "read":
                 read = await vms.console_read(name, lines, offset, raw)
                 return f"read the console of {name} up to byte {read['next_offset']}", read

@@ -72,7 +72,7 @@ async def vm_guest(
     base: dict[str, Any] = {"host": request.display_name, "vm_name": name, "action": action}
 
     async def work() -> tuple[str, dict[str, Any]]:
-        async with app.vms(request, vm_dir) as vms:
+        async with app.vms(request, vm_dir, name=name) as vms:
             if action == "exec":
                 if command is None:
                     raise InvalidInput("command", "exec needs a command, e.g. ['uname', '-a'] or 'ls -l /'")

@@ -72,7 +72,7 @@ async def vm_snapshot(
             await ctx.report_progress(round(elapsed, 1), None, note)
 
     async def work() -> tuple[str, dict[str, Any]]:
-        async with app.vms(request, vm_dir) as vms:
+        async with app.vms(request, vm_dir, name=name) as vms:
             if action == "list":
                 found = await vms.snapshot_list(name)
                 return f"VM {name} has {len(found)} snapshot{'s' if len(found) != 1 else ''}", {"snapshots": found}

@@ -36,6 +36,7 @@ from .spec import (
     validate_path,
     validate_vcpus,
 )
+from .store import VMStore
 
 __all__ = ["CreateOps", "GuestAccess"]
 
@@ -157,6 +158,7 @@ class CreateOps(CleanupOps):
                 f"size= may only grow the image, which is {format_size(base.layer.virtual_size)}; "
                 "give a larger size or none",
             )
+        await self._check_unique_on_host(name)
         vm_uuid = str(uuid.uuid4())
         instance_id = f"iid-{vm_uuid}"
         seed = wanted.seed(instance_id, name)
@@ -228,9 +230,40 @@ class CreateOps(CleanupOps):
                 await asyncio.shield(self._undo_create(paths, journal))
                 raise
         details = {"vm_dir": self.vm_dir, "directory": paths.directory, **definition.summary()}
+        if self.index is not None and self.vm_dir != self.index.default:
+            try:
+                await self.index.add(name, self.vm_dir)
+            except QemuMcpError as exc:  # the VM exists; only finding it without vm_dir is at stake
+                log.warning("VM %s: not added to the index of %s: %s", name, self.host.name, exc.message)
+                details["note"] = f"calls must give vm_dir={self.vm_dir} to find it (the host's index: {exc.message})"
         if not disk_def.created_by_tool:
             details["disk_attached"] = "existing disk attached; delete will keep it"
         return details
+
+    async def _check_unique_on_host(self, name: str) -> None:
+        """VM names are unique per host: not in the default vm_dir when creating elsewhere, and not elsewhere
+        (the index) when creating in another directory.
+
+        :raise VMExists: the name is taken (the message says where).
+        """
+        index = self.index
+        if index is None:
+            return
+        if self.vm_dir != index.default:
+            default_store = VMStore(self.host, index.default, self.settings.command_timeout)
+            if (await default_store.entry(name)).kind != "missing":
+                raise VMExists(
+                    f"VM {name} already exists in {index.default} on {self.host.name} (VM names are unique per "
+                    "host); use another name"
+                )
+        elsewhere = (await index.entries()).get(name)
+        if elsewhere is not None and elsewhere != self.vm_dir:
+            other = VMStore(self.host, elsewhere, self.settings.command_timeout)
+            if (await other.entry(name)).kind != "missing":
+                raise VMExists(
+                    f"VM {name} already exists in {elsewhere} on {self.host.name} (VM names are unique per host); "
+                    "use another name"
+                )
 
     async def _image_source(self, image: str, paths: VMPaths) -> ImageSource:
         """The image a disk is made from: a file under the image roots, or ``vm:<name>``, the disk of a

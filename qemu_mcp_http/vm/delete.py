@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from ..errors import QemuMcpError, VMStateError
@@ -15,6 +16,8 @@ from .spec import (
 )
 
 __all__ = ["DeleteOps"]
+
+log = logging.getLogger(__name__)
 
 
 class DeleteOps(CleanupOps, PowerOps):
@@ -66,6 +69,7 @@ class DeleteOps(CleanupOps, PowerOps):
                 notes.append(f"{paths.directory} still holds files the server did not make; they were kept")
             else:
                 lock.discard()
+                await self._forget_in_index(name)
         details: dict[str, Any] = {"stopped_by": method, "removed": removed, "kept": kept}
         if entry.kind != "vm":
             notes.insert(0, f"VM {name} was incomplete (a create cut short or an unreadable definition)")
@@ -99,6 +103,14 @@ class DeleteOps(CleanupOps, PowerOps):
         else:
             kept.append(disk.path)
             notes.append(f"{disk.path} is no longer the file create made (or lies where no disk may), so it was kept")
+
+    async def _forget_in_index(self, name: str) -> None:
+        if self.index is None or self.vm_dir == self.index.default:
+            return
+        try:
+            await self.index.remove(name, self.vm_dir)
+        except QemuMcpError as exc:  # a stale entry is ignored by lookups anyway
+            log.warning("VM %s: not removed from the index of %s: %s", name, self.host.name, exc.message)
 
     async def _other_users_of(self, name: str, disk_path: str) -> list[str]:
         scanned, _, _ = await self.store.scan()

@@ -9,6 +9,7 @@ manages plus a disk create made, while it is still the very file create made (it
 
 from __future__ import annotations
 
+from ..errors import QemuMcpError
 from .console import ConsoleOps
 from .create import CreateOps
 from .delete import DeleteOps
@@ -16,9 +17,32 @@ from .guest import GuestOps
 from .manager import VMState
 from .modify import ModifyOps
 from .snapshot import SnapshotOps
+from .spec import VMDefinition
 
 __all__ = ["VMManager", "VMState"]
 
 
 class VMManager(CreateOps, DeleteOps, ModifyOps, GuestOps, ConsoleOps, SnapshotOps):
     """Operations on the VMs of one ``vm_dir`` of one host: one class per concern, put together here."""
+
+    async def list_elsewhere(self) -> tuple[list[tuple[str, VMDefinition, VMState]], list[str]]:
+        """The VMs the host's index places outside this (default) vm_dir: ``(vm_dir, definition, state)``,
+        and the directories that could not be listed (with why). Entries whose VM is gone are left out."""
+        if self.index is None or self.vm_dir != self.index.default:
+            return [], []
+        by_dir: dict[str, set[str]] = {}
+        for name, directory in (await self.index.entries()).items():
+            if directory != self.vm_dir:
+                by_dir.setdefault(directory, set()).add(name)
+        found: list[tuple[str, VMDefinition, VMState]] = []
+        problems: list[str] = []
+        for directory, names in sorted(by_dir.items()):
+            try:
+                await self.fence.check("vm_dir", directory)
+                other = VMManager(self.host, directory, self.settings, self.shared, self.fence, self.index)
+                listed, _ = await other.list()
+            except QemuMcpError as exc:
+                problems.append(f"{directory}: {exc.message}")
+                continue
+            found += [(directory, d, state) for d, state in listed if d.name in names]
+        return found, problems

@@ -28,6 +28,7 @@ from ..qmp import QMPSession
 from ..shared import SharedState
 from .disks import DiskImages
 from .fence import Fence
+from .index import VMIndex
 from .paths import VMPaths
 from .spec import (
     VMDefinition,
@@ -65,8 +66,18 @@ def now() -> str:
 class VMOps:
     """What every operation on the VMs of one ``vm_dir`` of one host needs."""
 
-    def __init__(self, host: Host, vm_dir: str, settings: Settings, shared: SharedState, fence: Fence) -> None:
+    def __init__(
+        self,
+        host: Host,
+        vm_dir: str,
+        settings: Settings,
+        shared: SharedState,
+        fence: Fence,
+        index: VMIndex | None = None,
+    ) -> None:
         self.host = host
+        #: The host's index of VMs outside its default vm_dir (None: not kept, e.g. in unit tests).
+        self.index = index
         self.vm_dir = validate_path(vm_dir, "vm_dir")
         self.settings = settings
         self.shared = shared
