@@ -26,7 +26,7 @@ from mcp import Client
 from tests.support import ServerProcess, kill_vms_under, open_tools
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SECTIONS = "list,concurrency,start,monitor,remote,resources"
+SECTIONS = "list,concurrency,start,monitor,remote,resources,guest,console,snapshot"
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -109,7 +109,8 @@ class Bench:
         self.defined: list[str] = []
         self.running: list[str] = []
 
-    def start_server(self) -> ServerProcess:
+    def start_server(self, env: dict[str, str] | None = None) -> ServerProcess:
+        """``env``: more of the server's settings (e.g. ``QEMU_MCP_ALLOWED_ROOTS``), over the harness's."""
         srv = ServerProcess(
             vm_dir=self.vm_dir,
             env={
@@ -117,6 +118,7 @@ class Bench:
                 "QEMU_MCP_LOG_LEVEL": "WARNING",
                 "QEMU_MCP_MAX_MONITOR_STREAMS_PER_CLIENT": "64",
                 "QEMU_MCP_MAX_MONITOR_STREAMS": "64",
+                **(env or {}),
             },
         )
         srv.start()
@@ -129,10 +131,10 @@ class Bench:
             self.server = None
 
     @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[ServerProcess]:
+    async def serving(self, env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
         """A server for the block (stopped at its end, the VMs kept)."""
         try:
-            yield self.start_server()
+            yield self.start_server(env)
         finally:
             self.stop_server()
 

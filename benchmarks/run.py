@@ -1,7 +1,7 @@
 """Benchmarks of qemu-mcp-http with real QEMU and the real MCP client over HTTP, each figure beside its baseline.
 
     .venv/bin/python -m benchmarks.run [--quick] [--json FILE]
-        [--sections list,concurrency,start,monitor,remote,resources]
+        [--sections list,concurrency,start,monitor,remote,resources,guest,console,snapshot]
 
 Prints a table and writes JSON. Not a test: nothing here passes or fails; the figures go to the README.
 Everything it starts (a server process, QEMUs under a temporary vm_dir, an sshd) is killed by PID at the end.
@@ -17,10 +17,13 @@ import sys
 from . import harness
 from .harness import Bench
 from .scenario_concurrency import bench_concurrency
+from .scenario_console import bench_console
+from .scenario_guest import bench_guest
 from .scenario_list import bench_list
 from .scenario_monitor import bench_monitor
 from .scenario_remote import bench_remote
 from .scenario_resources import bench_resources
+from .scenario_snapshot import bench_snapshot
 from .scenario_start import bench_start
 
 
@@ -42,6 +45,12 @@ async def run_sections(bench: Bench, sections: set[str]) -> None:
         await bench_start(bench)
     if "remote" in sections:
         await bench_remote(bench)
+    if "guest" in sections:
+        await bench_guest(bench)
+    if "console" in sections:
+        await bench_console(bench)
+    if "snapshot" in sections:
+        await bench_snapshot(bench)
 
 
 async def main(argv: list[str] | None = None) -> int:

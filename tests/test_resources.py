@@ -45,16 +45,19 @@ def res_server(workdir: Path, sshd: SSHServer) -> Iterator[ServerProcess]:
     """A server of its own (a known set of VMs), with the test sshd as named host ``lab``."""
     vm_dir = workdir / "res-vms"
     vm_dir.mkdir()
+    # lab's vm_dir is this module's own: other tests' VMs on the sshd stay out of the listings.
+    lab_vms = sshd.root / "res-lab-vms"
+    lab_vms.mkdir()
+    shutil.chown(lab_vms, sshd.user, sshd.user)
     hosts = workdir / "res-hosts.json"
     hosts.write_text(
         json.dumps(
             {"lab": {"address": sshd.address, "port": sshd.port, "user": sshd.user, "key": str(sshd.key),
-                     "vm_dir": str(sshd.vm_dir)}}
+                     "vm_dir": str(lab_vms)}}
         )
     )  # fmt: skip
     with ServerProcess(
-        vm_dir=vm_dir,
-        reap_under=workdir,
+        vm_dir=vm_dir,  # its QEMUs are reaped from here at the end (never the session's other VMs)
         env={
             "QEMU_MCP_ACCEL": "tcg",
             "QEMU_MCP_ALLOWED_ROOTS": str(workdir),
@@ -137,7 +140,7 @@ async def test_list_read_complete(res_server: ServerProcess, catalogue: list[str
         )
         assert vm["snapshots"] == [] and vm["console"] == {"uri": "vm://localhost/alpha/console", "next_offset": 0}
         remote = json.loads((await client.read_resource("vm://lab/rvm")).contents[0].text)  # type: ignore[union-attr]
-        assert remote["host"] == "lab" and remote["vm_dir"].endswith("/vms")
+        assert remote["host"] == "lab" and remote["vm_dir"].endswith("/res-lab-vms")
         console = (await client.read_resource("vm://localhost/alpha/console")).contents[0]
         assert isinstance(console, TextResourceContents) and console.text == ""
         for uri, words in (
