@@ -108,7 +108,7 @@ async def test_every_host_and_groups(fleet: tuple[ServerProcess, ServerProcess],
             labs = await tools.ok("list_vms", host="@labs", filter_name="fleet-")
             assert [h["host"] for h in labs["data"]["hosts"]] == ["lab", "lab2"]
             assert [(v["host"], v["name"]) for v in labs["data"]["vms"]] == [("lab", "fleet-b")]
-            stopped = await tools.ok("list_vms", host="@mixed", status="running")
+            stopped = await tools.ok("list_vms", host="@mixed", status="running", filter_name="fleet-")
             assert stopped["data"]["vms"] == [] and len(stopped["data"]["hosts"]) == 3
 
             for arguments, words in (
