@@ -457,6 +457,7 @@ async def bench_fleet_replicas(b: Bench) -> None:
                     "QEMU_MCP_STATELESS": "1",
                     "QEMU_MCP_REDIS_URL": redis.url,
                     "QEMU_MCP_SHARED_SECRET_FILE": str(secret),
+                    "QEMU_MCP_QMP_IDLE_HOLD": "0.05",  # as deploy/compose.replicas.yaml
                     "QEMU_MCP_WATCH_INTERVAL": "3600",
                 },
             )

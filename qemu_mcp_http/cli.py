@@ -17,6 +17,9 @@ from .observability import configure_logging
 
 __all__ = ["main"]
 
+#: Seconds an idle HTTP connection stays open on the server's side.
+KEEP_ALIVE_S = 75
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
+        # Longer than the clients' and the load balancer's own idle timeouts (httpx: 5 s, deploy/haproxy.cfg:
+        # 30 s): with uvicorn's 5 s default, a client reusing a connection just as the server closed it lost its
+        # request ("Server disconnected without sending a response").
+        timeout_keep_alive=KEEP_ALIVE_S,
         log_config=None,  # one format for all loggers, set above
     )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it has handled gracefully

@@ -59,6 +59,13 @@ class Settings:
     )
     # Timeouts: every await that touches a process, socket or host has one.
     qmp_timeout: float = field(default=5.0, metadata={"help": "timeout of one QMP command"})
+    qmp_idle_hold: float = field(
+        default=2.0,
+        metadata={
+            "help": "keep a VM's QMP connection open this long after its last use; a QMP socket serves one client "
+            "at a time, so replicas sharing a vm_dir want it short (e.g. 0.05)"
+        },
+    )
     command_timeout: float = field(default=60.0, metadata={"help": "timeout of one host command (qemu-img, ...)"})
     start_timeout: float = field(default=30.0, metadata={"help": "time QEMU may take to start and answer QMP"})
     stop_timeout: float = field(default=30.0, metadata={"help": "default wait for a graceful ACPI shutdown"})

@@ -66,6 +66,7 @@ class AppContext:
 
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
+        self.shared.qmp.idle_timeout = self.settings.qmp_idle_hold
         self.ssh = SSHPool(PoolLimits.from_settings(self.settings))
         streams = self.shared.monitor_streams
         self.metrics = Metrics(pool=self.ssh.snapshot, monitor_streams=lambda: streams.running)

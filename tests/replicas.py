@@ -338,6 +338,7 @@ def cluster(workdir: Path, label: str, *, stateless: bool = True, config: Path =
                 "QEMU_MCP_ALLOWED_ROOTS": str(workdir),
                 "QEMU_MCP_REDIS_URL": redis.url,
                 "QEMU_MCP_SHARED_SECRET_FILE": str(secret_file),
+                "QEMU_MCP_QMP_IDLE_HOLD": "0.05",  # as deploy/compose.replicas.yaml
                 # The rescan of the vm_dir for changes made by others, slowed to an hour: a change made on one
                 # replica then reaches a listener on the other through Redis or not at all.
                 "QEMU_MCP_WATCH_INTERVAL": "3600",

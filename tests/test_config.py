@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qemu_mcp_http.config import Settings, parse_settings
+from qemu_mcp_http.context import AppContext
+from qemu_mcp_http.shared import SharedState
 
 
 def test_defaults() -> None:
@@ -33,3 +35,14 @@ def test_bad_values_are_named() -> None:
         Settings(accel="hvf")  # type: ignore[arg-type]
     with pytest.raises(SystemExit):
         parse_settings(["--accel", "hvf"], {})
+
+
+def test_qmp_idle_hold_reaches_the_qmp_pool() -> None:
+    """Replicas sharing a vm_dir set a short hold (deploy/compose.replicas.yaml): the setting is what the QMP
+    pool uses, and a hold of 0 or less is refused like any other duration."""
+    s = parse_settings([], {"QEMU_MCP_QMP_IDLE_HOLD": "0.05", "QEMU_MCP_VM_DIR": "/tmp"})
+    assert s.qmp_idle_hold == 0.05
+    app = AppContext(settings=s, shared=SharedState())
+    assert app.shared.qmp.idle_timeout == 0.05
+    with pytest.raises(ValueError, match="qmp_idle_hold must be a finite number > 0"):
+        parse_settings([], {"QEMU_MCP_QMP_IDLE_HOLD": "0"})

@@ -245,3 +245,23 @@ async def test_healthz_tells_the_accelerator_from_startup(server: ServerProcess)
     assert "localhost/x86_64" in decided, decided  # (arm64 too, once a test started an arm64 guest)
     assert decided["localhost/x86_64"].startswith(("kvm (", "tcg (")), decided
     assert "accelerator for x86_64 guests on localhost" in server.log_text()
+
+
+async def test_idle_connections_outlive_the_clients_own_timeout(server: ServerProcess) -> None:
+    """An HTTP connection idle for longer than httpx's keep-alive (5 s) is still open on the server's side, so
+    a client (or a load balancer) that reuses it just as its own timeout ends never meets a connection the
+    server closed under it (uvicorn's default is also 5 s: a race that lost requests)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
+    try:
+        for _ in range(2):
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))  # fmt: skip
+            await reader.readexactly(length)
+            await asyncio.sleep(6.0)
+    finally:
+        writer.close()

@@ -217,11 +217,13 @@ class VMOps:
         limiter = asyncio.Semaphore(16)
 
         async def one(d: VMDefinition) -> VMState:
-            if not facts[d.name].alive:
-                return VMState("stopped")
             async with limiter:
                 return await self.state_of(d, facts[d.name])
 
-        states = await asyncio.gather(*(one(d) for d in definitions))
+        # QMP (a task each) only for live processes: a stopped VM's state is known from the scan.
+        live = [d for d in definitions if facts[d.name].alive]
+        asked = dict(zip((d.name for d in live), await asyncio.gather(*(one(d) for d in live)), strict=True))
+        stopped = VMState("stopped")
+        states = [asked.get(d.name, stopped) for d in definitions]
         problems = {key: names for key, names in (("unreadable", broken), ("incomplete", incomplete)) if names}
         return list(zip(definitions, states, strict=True)), problems

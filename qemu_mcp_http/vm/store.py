@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -151,7 +152,7 @@ class VMStore:
         if raw is None:
             return None
         try:
-            definition = VMDefinition.from_json(json.loads(raw))
+            definition = _decode_definition(raw)
         except (ValueError, RecursionError) as exc:
             log.warning(
                 "ignoring unreadable definition of %s in %s on %s: %s",
@@ -181,3 +182,14 @@ def _facts(paths: VMPaths, pid: int | None, cmdline: bytes | None, raw_runtime: 
         except ValueError:
             runtime = {}
     return ProcessFacts(pid=pid if alive else None, alive=alive, runtime=runtime)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_definition(raw: bytes) -> VMDefinition:
+    """A definition from its file's bytes, checked (:meth:`VMDefinition.from_json`); the same bytes give the same
+    (immutable) definition again without parsing and checking them again: a scan of many VMs whose files did not
+    change costs a lookup each. Bounded; what fails is never cached.
+
+    :raise ValueError, RecursionError: not a definition.
+    """
+    return VMDefinition.from_json(json.loads(raw))
