@@ -27,6 +27,9 @@ open until either side closes it, or it carries no byte for ``idle_timeout`` sec
 
 Host and Origin are checked on the WebSocket as :class:`~qemu_mcp_http.security.HeaderGuard` checks them
 on HTTP requests (the same patterns): a page of another origin cannot open a console, even with a token.
+
+Why one module of 500 lines: the signing, the page, its headers and the WebSocket pump are one security
+boundary (what the token binds is what the routes check); reviewing it in one place is the point.
 """
 
 from __future__ import annotations

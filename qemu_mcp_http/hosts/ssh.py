@@ -11,6 +11,10 @@
 A call that finds its connection dropped is retried once on a new connection when that
 is safe: always for reads, stats and atomic writes; for a command only when the channel
 was never opened (so the command cannot have run).
+
+Why one module of 500 lines: it is one class implementing :class:`Host`, and every method shares
+the retry rule above and the SFTP session; the pool, connecting, the scan and the stats live in
+their own modules.
 """
 
 from __future__ import annotations
