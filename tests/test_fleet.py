@@ -1,7 +1,7 @@
 """A fleet of hosts and of servers, for real: list_vms over every host (``*``) and over a group (``@labs``)
-with an unreachable host among them, VMs created in another vm_dir found again by name (the host's index),
-and the per-VM lock on an SSH host holding across two server processes (a race on start; a lock held by
-another process there).
+with an unreachable host and a host that never answers among them, VMs created in another vm_dir found again
+by name (the host's index), and the per-VM lock on an SSH host holding across two server processes (a race on
+start; a lock held by another process there).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,17 +30,22 @@ QUICK = 1.0
 @pytest.fixture(scope="module")
 def fleet(workdir: Path, sshd: SSHServer) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two servers with the same hosts file: ``lab`` and ``lab2`` (the test sshd, two vm_dirs), ``dead`` (a
-    port where nothing listens), groups ``labs`` and ``mixed``; the local vm_dirs are their own."""
+    port where nothing listens), ``mute`` (a port that accepts connections and never says a word), groups
+    ``labs`` and ``mixed``; the local vm_dirs are their own."""
     root = workdir / "fleet"
     root.mkdir()
     lab2 = sshd.root / "vms2"
     lab2.mkdir(exist_ok=True)
     shutil.chown(lab2, sshd.user, sshd.user)
+    # The kernel completes TCP handshakes into the backlog of a listening socket nobody reads: a host that
+    # connects and then never sends its SSH banner.
+    mute = socket.create_server(("127.0.0.1", 0))
     entry = {"address": sshd.address, "port": sshd.port, "user": sshd.user, "key": str(sshd.key)}
     hosts = {
         "lab": {**entry, "vm_dir": str(sshd.vm_dir)},
         "lab2": {**entry, "vm_dir": str(lab2)},
         "dead": {**entry, "port": sshd.unused_port()},
+        "mute": {**entry, "address": "127.0.0.1", "port": mute.getsockname()[1]},
         "groups": {"labs": ["lab", "lab2"], "mixed": ["localhost", "lab", "dead"]},
     }
     (root / "hosts.json").write_text(json.dumps(hosts))
@@ -61,7 +67,7 @@ def fleet(workdir: Path, sshd: SSHServer) -> Iterator[tuple[ServerProcess, Serve
                 },
             )
         )
-    with servers[0] as a, servers[1] as b:
+    with mute, servers[0] as a, servers[1] as b:
         yield a, b
     for leftover in ("fleet-a", "fleet-b", "race"):
         shutil.rmtree(sshd.vm_dir / leftover, ignore_errors=True)
@@ -97,13 +103,15 @@ async def test_every_host_and_groups(fleet: tuple[ServerProcess, ServerProcess],
             data = everything["data"]
             assert sorted((v["host"], v["name"]) for v in data["vms"]) == [("lab", "fleet-b"), ("localhost", "fleet-a")]
             by_host = {h["host"]: h for h in data["hosts"]}
-            assert sorted(by_host) == ["dead", "lab", "lab2", "localhost"]
-            assert by_host["dead"]["success"] is False and "dead" in everything["message"]
+            assert sorted(by_host) == ["dead", "lab", "lab2", "localhost", "mute"]
+            for bad in ("dead", "mute"):
+                assert by_host[bad]["success"] is False and bad in everything["message"], everything
+                assert by_host[bad]["seconds"] < 2 + 3  # its connect timeout (2 s), not the sum of anything
+            assert by_host["mute"]["seconds"] >= 1.5, by_host["mute"]  # it was waited for, up to that timeout
             assert by_host["lab"]["vm_count"] == 1 and by_host["lab2"]["vm_count"] == 0
-            assert by_host["dead"]["seconds"] < 2 + 3  # its connect timeout, not the sum of anything
             assert took < 10, took
-            assert sorted(e["host"] for e in events) == sorted(by_host) and {e["total"] for e in events} == {4}
-            assert sorted(e["progress"] for e in events) == [1, 2, 3, 4]
+            assert sorted(e["host"] for e in events) == sorted(by_host) and {e["total"] for e in events} == {5}
+            assert sorted(e["progress"] for e in events) == [1, 2, 3, 4, 5]
 
             labs = await tools.ok("list_vms", host="@labs", filter_name="fleet-")
             assert [h["host"] for h in labs["data"]["hosts"]] == ["lab", "lab2"]
