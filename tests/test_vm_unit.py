@@ -15,6 +15,7 @@ from qemu_mcp_http.config import Settings
 from qemu_mcp_http.errors import InvalidInput, QemuError, VMNotFound
 from qemu_mcp_http.qmp import QMPPool
 from qemu_mcp_http.shared import SharedState
+from qemu_mcp_http.vm import store
 from qemu_mcp_http.vm.fence import Fence, FenceRules
 from qemu_mcp_http.vm.lifecycle import VMManager
 
@@ -156,3 +157,18 @@ async def test_unknown_vm(vms: VMManager) -> None:
     for call in (vms.start("ghost"), vms.stop("ghost", QUICK), vms.delete("ghost", QUICK)):
         with pytest.raises(VMNotFound):
             await call
+
+
+async def test_only_ordinary_definitions_are_kept_decoded(vms: VMManager, host: FakeHost) -> None:
+    """A definition of an ordinary size is decoded once and then found in the cache; one padded towards the read
+    limit (valid JSON all the same: a hostile host can write that) is decoded every time and never kept."""
+    await vms.create("small", "x86_64", "512M", 1, None, None)
+    await vms.create("padded", "x86_64", "512M", 1, None, None)
+    raw = host.files[f"{VM_DIR}/padded/vm.json"]
+    host.put(f"{VM_DIR}/padded/vm.json", b"{" + b" " * store.MAX_CACHED_DEFINITION_BYTES + raw.lstrip()[1:])
+    store._decode_cached.cache_clear()
+    for _ in range(3):
+        listed, _problems = await vms.list()
+        assert sorted(d.name for d, _ in listed) == ["padded", "small"]
+    info = store._decode_cached.cache_info()
+    assert (info.currsize, info.misses, info.hits) == (1, 1, 2), info

@@ -152,7 +152,9 @@ class VMStore:
         if raw is None:
             return None
         try:
-            definition = _decode_definition(raw)
+            # Only definitions of an ordinary size are cached: a host that pads thousands of valid ones to the
+            # 1 MiB read limit would otherwise make the cache hold gigabytes.
+            definition = _decode_cached(raw) if len(raw) <= MAX_CACHED_DEFINITION_BYTES else _decode_definition(raw)
         except (ValueError, RecursionError) as exc:
             log.warning(
                 "ignoring unreadable definition of %s in %s on %s: %s",
@@ -184,12 +186,18 @@ def _facts(paths: VMPaths, pid: int | None, cmdline: bytes | None, raw_runtime: 
     return ProcessFacts(pid=pid if alive else None, alive=alive, runtime=runtime)
 
 
-@functools.lru_cache(maxsize=4096)
+#: The largest definition file whose decoded form is cached (ours are about 1 KiB): 4096 of them, at most 64 MiB.
+MAX_CACHED_DEFINITION_BYTES = 16 * 1024
+
+
 def _decode_definition(raw: bytes) -> VMDefinition:
-    """A definition from its file's bytes, checked (:meth:`VMDefinition.from_json`); the same bytes give the same
-    (immutable) definition again without parsing and checking them again: a scan of many VMs whose files did not
-    change costs a lookup each. Bounded; what fails is never cached.
+    """A definition from its file's bytes, checked (:meth:`VMDefinition.from_json`).
 
     :raise ValueError, RecursionError: not a definition.
     """
     return VMDefinition.from_json(json.loads(raw))
+
+
+#: The same bytes give the same (immutable) definition again without parsing and checking them again: a scan of
+#: many VMs whose files did not change costs a lookup each. Bounded; what fails is never cached.
+_decode_cached = functools.lru_cache(maxsize=4096)(_decode_definition)
