@@ -42,8 +42,8 @@ from typing import Any
 
 from mcp import Client
 
-from qemu_mcp_http.qmp import QMP_IDLE_SECONDS
 from qemu_mcp_http.vm.paths import DEFINITION_FILE
+from qemu_mcp_http.vm.qmp import QMP_IDLE_SECONDS
 from tests.replicas import REPLICA_NAMES, LoadBalancer, Recorder, Redis, lb_client
 from tests.sshd import SSHServer
 from tests.support import ServerProcess, free_port, open_tools

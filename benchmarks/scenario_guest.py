@@ -23,7 +23,7 @@ from typing import Any
 import asyncssh
 from mcp import Client
 
-from qemu_mcp_http.vm.cloudinit import hostname_for, parse_cloud_init, render_meta_data, render_user_data
+from qemu_mcp_http.guest.cloudinit import hostname_for, parse_cloud_init, render_meta_data, render_user_data
 from tests.cloud_image import build_cloud_image
 
 from .harness import Bench, fmt, ok, summarize, timed

@@ -18,13 +18,13 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
+from .access.tokens import HeaderGuard, StaticTokenVerifier, default_allowed_hosts, default_allowed_origins, load_tokens
 from .config import Settings
-from .context import AppContext
 from .errors import QemuMcpError
+from .mcp.context import AppContext
+from .mcp.server import build_mcp
 from .observability import CONTENT_TYPE
-from .security import HeaderGuard, StaticTokenVerifier, default_allowed_hosts, default_allowed_origins, load_tokens
-from .server import build_mcp
-from .webconsole import console_routes
+from .web.console import console_routes
 
 __all__ = ["build_app"]
 

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
+from .access.tokens import load_shared_secret, load_tokens
 from .config import Invocation, Settings
+from .fleet.targets import load_named_hosts
 from .hosts.local import LocalHost
-from .security import load_shared_secret, load_tokens
-from .targets import load_named_hosts
 from .vm.accel import AccelProbe
 from .vm.argv import ARM64_FIRMWARE
 

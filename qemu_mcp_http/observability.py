@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .config import LogFormat
-from .targets import HostRequest
+from .fleet.targets import HostRequest
 from .version import __version__
 
 __all__ = [

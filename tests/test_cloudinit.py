@@ -28,7 +28,7 @@ import pycdlib
 import pytest
 
 from qemu_mcp_http.errors import InvalidInput
-from qemu_mcp_http.vm.cloudinit import (
+from qemu_mcp_http.guest.cloudinit import (
     FIELDS,
     MAX_KEY_LINE_BYTES,
     MAX_KEYS,
@@ -42,7 +42,7 @@ from qemu_mcp_http.vm.cloudinit import (
     render_network_config,
     render_user_data,
 )
-from qemu_mcp_http.vm.sha512crypt import sha512_crypt
+from qemu_mcp_http.guest.sha512crypt import sha512_crypt
 
 UUID = "0f3c6a52-8c7e-4b7e-9a55-3f1d2b4c6e7f"
 PASSWORD = "correct horse battery staple"

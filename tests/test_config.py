@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qemu_mcp_http.config import Settings, parse_settings
-from qemu_mcp_http.context import AppContext
-from qemu_mcp_http.shared import SharedState
+from qemu_mcp_http.mcp.context import AppContext
+from qemu_mcp_http.vm.shared import SharedState
 
 
 def test_defaults() -> None:

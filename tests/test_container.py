@@ -27,7 +27,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from qemu_mcp_http.tools import TOOLS
+from qemu_mcp_http.mcp.tools import TOOLS
 
 from .container.podman import (
     IMAGE,

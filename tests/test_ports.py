@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qemu_mcp_http.errors import InvalidInput
-from qemu_mcp_http.vm.ports import (
+from qemu_mcp_http.net.ports import (
     MAX_FORWARDS,
     NetworkSpec,
     PortForward,

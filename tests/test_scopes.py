@@ -1,5 +1,5 @@
 """Scoped tokens through HTTP with the real client: every scope against every tool and action (the table of
-qemu_mcp_http.scopes, checked here against an independent copy), tools/list per scope, a token limited to
+qemu_mcp_http.access.grants, checked here against an independent copy), tools/list per scope, a token limited to
 hosts (tools, resources, completion), the audit line's client and scope, and malformed token files.
 """
 
@@ -19,8 +19,8 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import ResourceTemplateReference
 
+from qemu_mcp_http.access.tokens import load_tokens
 from qemu_mcp_http.config import Settings
-from qemu_mcp_http.security import load_tokens
 
 from .support import ServerProcess
 
@@ -99,8 +99,8 @@ async def as_client(url: str, token: str, mode: str = "2026-07-28") -> AsyncIter
 
 
 def test_the_table_is_the_issue_s() -> None:
-    from qemu_mcp_http.scopes import ACTION_SCOPES
-    from qemu_mcp_http.tools import TOOLS
+    from qemu_mcp_http.access.grants import ACTION_SCOPES
+    from qemu_mcp_http.mcp.tools import TOOLS
 
     table = {(tool, action): scope for tool, actions in ACTION_SCOPES.items() for action, scope in actions.items()}
     assert table == EXPECTED

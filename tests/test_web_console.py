@@ -1,4 +1,4 @@
-"""The web console (``qemu_mcp_http.webconsole``): signed links, the page, noVNC's files and the WebSocket
+"""The web console (``qemu_mcp_http.web.console``): signed links, the page, noVNC's files and the WebSocket
 that carries a VM's VNC stream, served by uvicorn on a loopback port of the test.
 
 The end-to-end test starts a real QEMU (q35, ``-device VGA``, VNC on a unix socket, SeaBIOS's text screen)
@@ -37,10 +37,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from websockets.asyncio.client import connect as ws_connect
 
+from qemu_mcp_http.access.tokens import HeaderGuard
 from qemu_mcp_http.errors import InvalidInput, SocketUnavailable
 from qemu_mcp_http.hosts.local import LocalHost
-from qemu_mcp_http.security import HeaderGuard
-from qemu_mcp_http.webconsole import ConsoleGrant, ConsoleLinks, OpenVnc, console_path, console_routes
+from qemu_mcp_http.web.console import ConsoleGrant, ConsoleLinks, OpenVnc, console_path, console_routes
 
 from .pngutil import png_rgb, rgba_to_rgb, same_pixels
 

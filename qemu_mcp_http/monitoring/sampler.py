@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from ..errors import OperationTimeout, QemuMcpError, QMPFailure, QMPUnavailable, VMStateError
 from ..hosts.base import Host
-from ..qga import AgentPool
-from ..qmp import QMPSession
 from ..vm.paths import VMPaths
+from ..vm.qga import AgentPool
+from ..vm.qmp import QMPSession
 from ..vm.spec import MIB, VMDefinition
 from .parse import (
     ProcStat,

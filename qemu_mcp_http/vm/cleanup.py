@@ -13,8 +13,8 @@ from typing import Any
 from ..errors import (
     InvalidInput,
 )
-from .manager import VMOps
 from .paths import MANAGED_NAMES, VMPaths
+from .vmdir import VMOps
 
 __all__ = ["CleanupOps", "temp_name_pattern"]
 

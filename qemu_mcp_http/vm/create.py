@@ -17,12 +17,11 @@ from ..errors import (
     VMExists,
     VMNotFound,
 )
+from ..guest.cloudinit import CloudInitConfig, build_seed_iso, hostname_for, parse_cloud_init
+from ..net.ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
+from ..storage.disks import ImageLayer, temp_name
 from .cleanup import CleanupOps
-from .cloudinit import CloudInitConfig, build_seed_iso, hostname_for, parse_cloud_init
-from .disks import ImageLayer, temp_name
-from .manager import now
 from .paths import UNIX_PATH_MAX, VMPaths
-from .ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
 from .spec import (
     GIB,
     DiskDefinition,
@@ -37,6 +36,7 @@ from .spec import (
     validate_vcpus,
 )
 from .store import VMStore
+from .vmdir import now
 
 __all__ = ["CreateOps", "GuestAccess"]
 

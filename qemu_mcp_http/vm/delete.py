@@ -7,9 +7,9 @@ import logging
 from typing import Any
 
 from ..errors import QemuMcpError, VMStateError
+from ..storage.snapshot import disk_snapshots
 from .cleanup import CleanupOps
 from .power import PowerOps
-from .snapshot import disk_snapshots
 from .spec import (
     VMDefinition,
     validate_name,

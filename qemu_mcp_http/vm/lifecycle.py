@@ -9,15 +9,15 @@ manages plus a disk create made, while it is still the very file create made (it
 
 from __future__ import annotations
 
+from ..console.serial import ConsoleOps
 from ..errors import QemuMcpError
-from .console import ConsoleOps
+from ..guest.ops import GuestOps
+from ..storage.snapshot import SnapshotOps
 from .create import CreateOps
 from .delete import DeleteOps
-from .guest import GuestOps
-from .manager import VMState
 from .modify import ModifyOps
-from .snapshot import SnapshotOps
 from .spec import VMDefinition
+from .vmdir import VMState
 
 __all__ = ["VMManager", "VMState"]
 

@@ -11,11 +11,11 @@ from ..errors import (
     QemuError,
     QemuMcpError,
 )
-from .cloudinit import parse_cloud_init
+from ..guest.cloudinit import parse_cloud_init
+from ..net.ports import check_ports_network, parse_ports
+from ..storage.snapshot import disk_snapshots
 from .create import GuestWanted
-from .ports import check_ports_network, parse_ports
 from .power import PowerOps
-from .snapshot import disk_snapshots
 from .spec import (
     GIB,
     DiskDefinition,

@@ -14,16 +14,16 @@ from ..errors import (
     QMPUnavailable,
     VMStateError,
 )
+from ..guest.readiness import Progress, check_wait, guest_facts, wait_ready
+from ..net.hostports import assign_ports, forward_failure, used_ports
 from .argv import qemu_argv
 from .commands import qemu_installed
-from .hostports import assign_ports, forward_failure, used_ports
-from .manager import StopMethod, VMOps, now
 from .paths import VMPaths
-from .readiness import Progress, check_wait, guest_facts, wait_ready
 from .spec import (
     VMDefinition,
     validate_name,
 )
+from .vmdir import StopMethod, VMOps, now
 
 __all__ = ["PowerOps"]
 

@@ -12,8 +12,8 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from ..errors import InvalidInput, LimitExceeded
-from .cloudinit import CloudInitConfig
-from .ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
+from ..guest.cloudinit import CloudInitConfig
+from ..net.ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
 
 __all__ = [
     "ARCHES",

@@ -1,0 +1,1 @@
+"""Who may call and what they did: bearer tokens and their grants."""

@@ -1,0 +1,218 @@
+"""The VMs as MCP resources: ``vm://{host}/{name}`` (JSON), ``/console`` (text) and ``/screen`` (PNG).
+
+``host`` is ``localhost`` or a named host of the hosts file: a URI never carries credentials, so hosts
+given by address and password are not resources. The VMs are those of each host's default vm_dir.
+``resources/list`` is paged (the SDK's own handler has no cursor) and bounded; completion offers hosts and
+VM names. A token limited to some hosts sees and reads only those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INVALID_PARAMS,
+    Completion,
+    CompletionArgument,
+    CompletionContext,
+    ListResourcesResult,
+    PaginatedRequestParams,
+    PromptReference,
+    Resource,
+    ResourceTemplateReference,
+)
+
+from ..access.grants import Grant
+from ..errors import InvalidInput, QemuMcpError, VMNotFound
+from ..fleet.changes import vm_uri
+from ..fleet.targets import HostRequest
+from ..storage.snapshot import disk_snapshots
+from ..vm.lifecycle import VMManager
+from ..vm.spec import validate_name
+from .context import AppContext
+
+__all__ = ["PAGE_SIZE", "MAX_LISTED", "register_resources"]
+
+log = logging.getLogger(__name__)
+
+#: Resources per page of resources/list, and at most this many in all (the rest is left out, and logged).
+PAGE_SIZE = 100
+MAX_LISTED = 10_000
+#: Console lines in the console resource.
+CONSOLE_LINES = 200
+CURSOR_PREFIX = "vms:"
+
+
+def register_resources(server: MCPServer[AppContext], app: AppContext, grant: Callable[[], Grant]) -> None:
+    """Templates, the paged list and completion, on ``server``; ``grant()`` is the current caller's grant."""
+
+    def request_for(host: str) -> HostRequest:
+        if not host or host not in reachable_hosts():
+            raise ResourceNotFoundError(
+                f"no host {host!r} here: resources cover localhost and the named hosts ({', '.join(reachable_hosts())})"
+            )
+        return HostRequest() if host == "localhost" else HostRequest(host=host)
+
+    def reachable_hosts() -> list[str]:
+        caller = grant()
+        return [h for h in ["localhost", *sorted(app.named_hosts)] if caller.reaches(h)]
+
+    async def with_vms(host: str, name: str, work: Callable[[VMManager, str], Awaitable[Any]]) -> Any:
+        request = request_for(host)
+        try:
+            vm = validate_name(name)
+            async with app.vms(request, None, name=vm) as vms:
+                return await work(vms, vm)
+        except (VMNotFound, InvalidInput) as exc:
+            raise ResourceNotFoundError(exc.message) from exc
+        except QemuMcpError as exc:
+            raise ResourceError(exc.message) from exc
+
+    @server.resource(
+        "vm://{host}/{name}/console",
+        name="vm_console",
+        title="Serial console of a VM",
+        description=f"The last {CONSOLE_LINES} lines of the VM's serial console (escape sequences removed)",
+        mime_type="text/plain",
+    )
+    async def console(host: str, name: str) -> str:
+        async def read(vms: VMManager, vm: str) -> str:
+            text: str = (await vms.console_read(vm, CONSOLE_LINES, None, False))["text"]
+            return text
+
+        result: str = await with_vms(host, name, read)
+        return result
+
+    @server.resource(
+        "vm://{host}/{name}/screen",
+        name="vm_screen",
+        title="Screen of a VM",
+        description="A PNG of the VM's screen (running VMs only)",
+        mime_type="image/png",
+    )
+    async def screen(host: str, name: str) -> bytes:
+        async def shot(vms: VMManager, vm: str) -> bytes:
+            _, png = await vms.console_screenshot(vm)
+            return png
+
+        result: bytes = await with_vms(host, name, shot)
+        return result
+
+    @server.resource(
+        "vm://{host}/{name}",
+        name="vm",
+        title="A VM",
+        description="The VM's definition and state as list_vms shows it, with its snapshots and console size",
+        mime_type="application/json",
+    )
+    async def vm(host: str, name: str) -> str:
+        async def describe(vms: VMManager, vm: str) -> dict[str, Any]:
+            definition = await vms.store.load(vm)
+            state = await vms.state_of(definition)
+            row = vms.row(definition, state)
+            row.update(host=host, vm_dir=vms.vm_dir, uri=vm_uri(host, vm))
+            disk = definition.disk
+            if disk.format == "qcow2" and disk.created_by_tool:
+                try:
+                    snapshots, _ = await disk_snapshots(vms, definition, state.status == "running")
+                    row["snapshots"] = snapshots
+                except QemuMcpError as exc:
+                    row["snapshots_error"] = exc.message
+            log_path = vms.store.paths(vm).console_log
+            _, size = await vms.host.read_range(log_path, offset=None, length=0, timeout=vms.settings.command_timeout)
+            row["console"] = {"uri": vm_uri(host, vm, "/console"), "next_offset": size}
+            if state.status == "running":
+                row["screen"] = {"uri": vm_uri(host, vm, "/screen")}
+            return row
+
+        return json.dumps(await with_vms(host, name, describe), separators=(",", ":"))
+
+    async def list_page(
+        ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+    ) -> ListResourcesResult:
+        cursor = params.cursor if params is not None else None
+        start = _parse_cursor(cursor)
+        everything = await _catalogue(app, reachable_hosts())
+        if start > len(everything):
+            raise MCPError(code=INVALID_PARAMS, message="the cursor is past the end of the list; list again")
+        page = everything[start : start + PAGE_SIZE]
+        end = start + len(page)
+        return ListResourcesResult(
+            resources=page, next_cursor=f"{CURSOR_PREFIX}{end}" if end < len(everything) else None
+        )
+
+    server._lowlevel_server.add_request_handler("resources/list", PaginatedRequestParams, list_page)
+
+    async def complete(
+        ref: ResourceTemplateReference | PromptReference,
+        argument: CompletionArgument,
+        context: CompletionContext | None,
+    ) -> Completion | None:
+        if not isinstance(ref, ResourceTemplateReference) or not ref.uri.startswith("vm://"):
+            return None
+        prefix = argument.value
+        if argument.name == "host":
+            values = [h for h in reachable_hosts() if h.startswith(prefix)]
+        elif argument.name == "name":
+            host = ((context.arguments if context else None) or {}).get("host") or "localhost"
+            if host not in reachable_hosts():
+                return Completion(values=[], total=0, has_more=False)
+            try:
+                async with app.vms(request_for(host), None) as vms:
+                    scanned, _, _ = await vms.store.scan()
+            except QemuMcpError:
+                return Completion(values=[], total=0, has_more=False)
+            values = sorted(d.name for d, _ in scanned if d.name.startswith(prefix))
+        else:
+            return None
+        return Completion(values=values[:100], total=len(values), has_more=len(values) > 100)
+
+    server.completion()(complete)  # type: ignore[no-untyped-call]  # the SDK's decorator is unannotated
+
+
+def _parse_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    number = cursor.removeprefix(CURSOR_PREFIX)
+    if not cursor.startswith(CURSOR_PREFIX) or not number.isdigit() or len(number) > 9:
+        raise MCPError(code=INVALID_PARAMS, message="invalid cursor: pass next_cursor of the previous page as it is")
+    return int(number)
+
+
+async def _catalogue(app: AppContext, hosts: list[str]) -> list[Resource]:
+    """Every VM resource of ``hosts``, in host then name order; an unreachable host is left out (logged)."""
+
+    async def of(host: str) -> list[Resource]:
+        request = HostRequest() if host == "localhost" else HostRequest(host=host)
+        try:
+            async with app.vms(request, None) as vms:
+                scanned, _, _ = await vms.store.scan()
+        except QemuMcpError as exc:
+            log.warning("resources/list: host %s left out: %s", host, exc.message)
+            return []
+        return [
+            Resource(
+                uri=vm_uri(host, d.name),
+                name=f"{host}/{d.name}",
+                title=f"VM {d.name} on {host}",
+                description=f"{d.arch}, {d.summary()['memory']}, {d.vcpus} vCPU, "
+                + ("running" if facts.alive else "stopped"),
+                mime_type="application/json",
+            )
+            for d, facts in sorted(scanned, key=lambda pair: pair[0].name)
+        ]
+
+    found: list[Resource] = []
+    for resources in await asyncio.gather(*(of(h) for h in hosts)):
+        found.extend(resources)
+    if len(found) > MAX_LISTED:
+        log.warning("resources/list: %d VMs, only the first %d are listed", len(found), MAX_LISTED)
+    return found[:MAX_LISTED]

@@ -1,0 +1,1 @@
+"""A VM's networking: port forwards and the host ports they bind."""

@@ -1,0 +1,1 @@
+"""A VM's disks: images, chains, resizing, snapshots."""

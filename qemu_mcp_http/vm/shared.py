@@ -1,0 +1,71 @@
+"""State shared by every call of one server: per-VM locks, QMP connections, the accelerator probe's
+verdicts, monitor streams, host facts and the shutdown signal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from ..access.tokens import StreamLimiter
+from ..errors import OperationTimeout
+from ..fleet.shutdown import ShutdownSignal
+from .accel import AccelProbe
+from .qga import AgentPool
+from .qmp import QMPPool
+
+__all__ = ["SharedState"]
+
+
+@dataclass
+class SharedState:
+    """State shared by every call of one server: per-VM locks, the accelerator probe cache, monitor streams."""
+
+    accel_probe: AccelProbe = field(default_factory=AccelProbe)
+    monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
+    qmp: QMPPool = field(default_factory=QMPPool)
+    agents: AgentPool = field(default_factory=AgentPool)
+    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
+    #: Facts of a host that do not change while the server runs (clock tick, CPU count), by host identity.
+    host_facts: dict[tuple[str, str], object] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        """Close the shared QMP and guest-agent connections (the VMs keep running)."""
+        await self.qmp.aclose()
+        await self.agents.aclose()
+
+    _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+
+    _console_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    @asynccontextmanager
+    async def console_lock(self, host: str, socket_path: str) -> AsyncIterator[None]:
+        """One writer at a time on a VM's serial console socket (QEMU serves one client)."""
+        lock = self._console_locks.setdefault((host, socket_path), asyncio.Lock())
+        async with lock:
+            yield
+
+    @asynccontextmanager
+    async def vm_lock(self, host: str, vm_dir: str, name: str, timeout: float) -> AsyncIterator[None]:
+        """The in-process lock of one VM.
+
+        :raise OperationTimeout: another call held it for longer than ``timeout``.
+        """
+        key = (host, vm_dir, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    await lock.acquire()
+            except TimeoutError:
+                raise OperationTimeout(
+                    f"another operation on VM {name} held its lock for more than {timeout:g} s; retry later"
+                ) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            if not lock.locked() and not lock._waiters:
+                self._locks.pop(key, None)

@@ -1,0 +1,498 @@
+"""The web console for people: a noVNC page and a WebSocket that carries the VM's VNC stream.
+
+Routes (from :func:`console_routes`; mount them before the catch-all ``/`` mount of the MCP app):
+
+- ``GET /console/{host}/{vm}?token=...``: a small page of ours (nonce-based Content-Security-Policy, no
+  referrer, never cached) that loads noVNC's ``core/rfb.js`` as an ES module and connects to
+- ``WebSocket /console/{host}/{vm}/ws?token=...``: bytes pumped both ways between the browser and the VM's
+  VNC unix socket (``<vm_dir>/<vm>/vnc.sock``), opened locally or through the pooled SSH connection's
+  stream-local channel by the ``open_vnc`` callback;
+- ``GET /console/static/{path}``: the files of the noVNC directory (Debian's ``novnc`` package, installed
+  with the server: nothing is fetched at run time).
+
+**Why a signed URL.** ``/mcp`` wants ``Authorization: Bearer``, but a browser cannot put a header on a
+WebSocket handshake, nor on a page it navigates to. So an authenticated MCP call (``vm_console`` action
+``web``) asks :meth:`ConsoleLinks.sign` for a token and answers a URL that carries it: the token is the
+credential of the page and of its WebSocket, and the bearer token never goes into a URL.
+
+**What the token binds.** An HMAC-SHA256, under a secret of the server's process, over the host name
+(``localhost`` or a named host of the server's settings: no SSH credential is in it, nor needed), the VM,
+its ``vm_dir``, the MCP client it was issued to (for the log) and an expiry (:attr:`ConsoleLinks.ttl`,
+120 s by default). A token opens only the console of that VM on that host, until it expires; it is checked
+in constant time, and a token of another server process (another secret) or a tampered one is refused.
+It is a bearer capability while it lives: the page keeps it out of the ``Referer`` header and takes it
+out of the address bar once loaded, and :func:`console_routes` has uvicorn's request log lines show
+``token=[redacted]`` instead. The expiry is checked when a connection opens; an open console stays
+open until either side closes it, or it carries no byte for ``idle_timeout`` seconds.
+
+Host and Origin are checked on the WebSocket as :class:`~qemu_mcp_http.security.HeaderGuard` checks them
+on HTTP requests (the same patterns): a page of another origin cannot open a console, even with a token.
+
+Why one module of 500 lines: the signing, the page, its headers and the WebSocket pump are one security
+boundary (what the token binds is what the routes check); reviewing it in one place is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import html
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from ..access.tokens import _matches
+from ..errors import InvalidInput, QemuMcpError
+
+__all__ = ["ConsoleGrant", "ConsoleLinks", "OpenVnc", "console_path", "console_routes"]
+
+log = logging.getLogger(__name__)
+
+#: What opens the VNC stream of a granted console: a connected stream socket (through the host seam), either
+#: awaited (the console closes it), or as an async context manager, held for as long as the console is open
+#: (so that it can hold what the socket needs, e.g. a lease on a pooled SSH connection, which the pool
+#: would otherwise close for idleness under an open console) and exited when the console closes.
+OpenVnc = Callable[["ConsoleGrant"], Awaitable[socket.socket] | AbstractAsyncContextManager[socket.socket]]
+
+_TOKEN_VERSION = 1
+_MAC_CONTEXT = b"qemu-mcp-http web console v1\x00"
+#: No token the server signs is near this long; longer input is refused before any decoding.
+_MAX_TOKEN_CHARS = 4096
+#: The largest read from the VNC socket, and so the largest WebSocket message sent to the browser.
+_CHUNK = 64 * 1024
+#: A WebSocket close reason is at most 123 bytes of UTF-8.
+_MAX_REASON_BYTES = 123
+#: Suffixes of the files ``/console/static`` serves, with their types: what noVNC's core needs, no HTML.
+_STATIC_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+}
+_RFB_MODULE = "core/rfb.js"
+#: Close codes (RFC 6455): normal, unsupported data, policy violation, server error.
+_CLOSE_NORMAL, _CLOSE_UNSUPPORTED, _CLOSE_POLICY, _CLOSE_ERROR = 1000, 1003, 1008, 1011
+
+
+_TOKEN_PARAM = re.compile(r"(token=)[^&\s\"']+")
+#: The loggers where uvicorn writes request lines (``GET /console/...?token=...``, ``WebSocket ... [accepted]``).
+_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+class _RedactTokens(logging.Filter):
+    """Replaces the value of every ``token=`` in a log record's message and arguments: request lines carry it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _TOKEN_PARAM.sub(r"\1[redacted]", record.msg)
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "token=" in a for a in record.args):
+            record.args = tuple(_TOKEN_PARAM.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _redact_request_logs() -> None:
+    for name in _REQUEST_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactTokens) for f in logger.filters):
+            logger.addFilter(_RedactTokens())
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    """:raise ValueError: not URL-safe base64."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class ConsoleGrant:
+    """What a valid console token allows: the console of ``vm`` (in ``vm_dir``) on ``host``, until ``expires``
+    (a Unix time); ``client`` is the MCP client it was issued to."""
+
+    host: str
+    vm: str
+    vm_dir: str
+    client: str
+    expires: float
+
+
+class ConsoleLinks:
+    """Signs and verifies console tokens: HMAC-SHA256 under ``secret`` (at least 16 bytes; a random one per
+    server process is right: links then die with the process), valid for ``ttl`` seconds.
+
+    :raise ValueError: the secret is shorter than 16 bytes, or ``ttl`` is not a number of seconds from 1 ms
+        to a day.
+    """
+
+    def __init__(self, secret: bytes, ttl: float = 120.0, *, clock: Callable[[], float] = time.time) -> None:
+        if len(secret) < 16:
+            raise ValueError("the console link secret must be at least 16 bytes long")
+        if not (math.isfinite(ttl) and 0.001 <= ttl <= 86400):
+            raise ValueError(f"the console link lifetime must be from 0.001 to 86400 s, not {ttl!r}")
+        self._secret = secret
+        self.ttl = ttl
+        self._clock = clock
+
+    def _mac(self, body: str) -> str:
+        return _b64encode(hmac.new(self._secret, _MAC_CONTEXT + body.encode("ascii"), hashlib.sha256).digest())
+
+    def sign(self, host: str, vm: str, vm_dir: str, client: str) -> str:
+        """An opaque, URL-safe token for the console of ``vm`` on ``host``, valid for :attr:`ttl` seconds.
+
+        :raise InvalidInput: ``host`` or ``vm`` cannot be a path segment of the console URL (empty, holds
+            ``/``, or is ``.``, ``..`` or, for the host, ``static``).
+        """
+        for field, value in (("host", host), ("vm", vm)):
+            if not value or "/" in value or value in (".", "..") or (field == "host" and value == "static"):
+                raise InvalidInput(field, f"{value!r} cannot name a web console (a path segment of its URL)")
+        expires = round(self._clock() + self.ttl, 3)
+        payload = json.dumps([_TOKEN_VERSION, host, vm, vm_dir, client, expires], separators=(",", ":"))
+        body = _b64encode(payload.encode())
+        return f"{body}.{self._mac(body)}"
+
+    def verify(self, token: str, host: str, vm: str) -> ConsoleGrant | None:
+        """The grant of ``token`` when it is authentic, unexpired and for ``vm`` on ``host``; else ``None``."""
+        if not token or len(token) > _MAX_TOKEN_CHARS or not token.isascii():
+            return None
+        body, sep, mac = token.partition(".")
+        if not sep or not hmac.compare_digest(mac.encode("ascii"), self._mac(body).encode("ascii")):
+            return None
+        try:
+            fields: Any = json.loads(_b64decode(body))
+        except (ValueError, binascii.Error):
+            return None
+        if not (isinstance(fields, list) and len(fields) == 6 and fields[0] == _TOKEN_VERSION):
+            return None
+        _, t_host, t_vm, t_dir, t_client, expires = fields
+        if not all(isinstance(v, str) for v in (t_host, t_vm, t_dir, t_client)):
+            return None
+        if isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= self._clock():
+            return None
+        if t_host != host or t_vm != vm:
+            return None
+        return ConsoleGrant(t_host, t_vm, t_dir, t_client, float(expires))
+
+
+def console_path(host: str, vm: str, token: str) -> str:
+    """The path (with its query) of the console page of ``vm`` on ``host``, for a token from
+    :meth:`ConsoleLinks.sign`; prefix it with the server's base URL."""
+    return f"/console/{quote(host, safe='')}/{quote(vm, safe='')}?token={quote(token, safe='')}"
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style nonce="{nonce}">
+html, body {{ margin: 0; height: 100%; background: #282828; color: #eee; font: 13px sans-serif; }}
+body {{ display: flex; flex-direction: column; }}
+#bar {{ flex: 0 0 24px; line-height: 24px; padding: 0 8px; background: #3a3a3a; white-space: nowrap; }}
+#screen {{ flex: 1 1 auto; min-height: 0; }}
+</style>
+<script type="module" nonce="{nonce}">
+import RFB from "../static/core/rfb.js";
+
+const bar = document.getElementById("status");
+function show(state, text) {{
+    document.body.dataset.state = state;
+    bar.textContent = text;
+}}
+// The WebSocket beside this page, with the same token; then the token leaves the address bar.
+const url = new URL(location.href);
+url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+url.pathname += "/ws";
+url.hash = "";
+history.replaceState(null, "", location.pathname);
+const ws = new WebSocket(url.href, ["binary"]);
+ws.addEventListener("close", (event) => {{
+    if (document.body.dataset.state === "connected" && event.code === 1000) {{
+        show("disconnected", "Disconnected" + (event.reason ? ": " + event.reason : ""));
+    }} else {{
+        const why = event.reason || "refused or lost; the server's log says why";
+        show("failed", "Closed (" + event.code + "): " + why);
+    }}
+}});
+const rfb = new RFB(document.getElementById("screen"), ws, {{ shared: true }});
+const label = document.body.dataset.label;
+rfb.addEventListener("connect", () => show("connected", "Connected to " + label));
+rfb.addEventListener("desktopname", (event) => {{ document.title = event.detail.name + " - console"; }});
+show("connecting", "Connecting to " + label + "...");
+</script>
+</head>
+<body data-state="loading" data-label="{label}">
+<div id="bar"><span id="status">Loading noVNC...</span></div>
+<div id="screen"></div>
+</body>
+</html>
+"""
+
+
+def _page_headers(nonce: str) -> dict[str, str]:
+    csp = "; ".join(
+        [
+            "default-src 'none'",
+            # Nonce only: the inline module and, through it, the modules it imports.
+            f"script-src 'nonce-{nonce}'",
+            f"style-src 'nonce-{nonce}'",
+            # noVNC draws data: images (cursors, JPEG/PNG rectangles) and talks to its own WebSocket.
+            "img-src 'self' data:",
+            "connect-src 'self'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+    return {
+        "Content-Security-Policy": csp,
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+    }
+
+
+def _refusal(status: int, text: str) -> PlainTextResponse:
+    headers = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+    return PlainTextResponse(text, status_code=status, headers=headers)
+
+
+_BAD_TOKEN = (
+    "This console link is invalid or has expired (links last {ttl:g} s and open one VM's console only): "
+    "ask for a new one (vm_console, action web)."
+)
+
+
+def _static_file(root: str, relative: str) -> tuple[str, str] | None:
+    """``(path, media type)`` of the file ``relative`` of ``root``, resolved, when it lies inside ``root`` and
+    is a regular file of a served type; else ``None`` (missing, outside, a directory, another type)."""
+    try:
+        base = Path(root).resolve(strict=True)
+        path = (base / relative).resolve(strict=True)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    media_type = _STATIC_TYPES.get(path.suffix.lower())
+    if media_type is None or not path.is_relative_to(base) or not path.is_file():
+        return None
+    return str(path), media_type
+
+
+def _novnc_installed(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, _RFB_MODULE))
+
+
+def _truncate_reason(text: str) -> str:
+    data = text.encode()[:_MAX_REASON_BYTES]
+    return data.decode(errors="ignore")
+
+
+# -- the routes -----------------------------------------------------------------------------------
+
+
+def console_routes(
+    links: ConsoleLinks,
+    open_vnc: OpenVnc,
+    novnc_dir: str,
+    *,
+    allowed_origins: Sequence[str],
+    allowed_hosts: Sequence[str],
+    io_timeout: float = 30.0,
+    idle_timeout: float = 1800.0,
+) -> list[BaseRoute]:
+    """The web console's routes (see the module's docstring).
+
+    ``open_vnc`` gets a verified grant and gives a connected socket to the VM's VNC socket (see
+    :data:`OpenVnc`: awaited, or an async context manager held while the console is open); it may raise
+    :class:`~qemu_mcp_http.errors.QemuMcpError` (its message reaches the page as the close reason), and is
+    given at most ``io_timeout`` seconds to open, as is every other wait but the one for traffic, which ends after
+    ``idle_timeout`` seconds without a byte either way. ``allowed_origins`` and ``allowed_hosts`` take the
+    patterns of :class:`~qemu_mcp_http.security.HeaderGuard`. A missing noVNC directory is no error here:
+    the page then answers 503 saying so (install Debian's ``novnc``), so the server runs without it. Installs
+    a filter on uvicorn's request loggers that shows ``token=[redacted]`` (once per process).
+    """
+    _redact_request_logs()
+    origins, hosts = tuple(allowed_origins), tuple(allowed_hosts)
+    bad_token = _BAD_TOKEN.format(ttl=links.ttl)
+
+    def header_problem(headers: Headers) -> str | None:
+        if not _matches(headers.get("host", ""), hosts):
+            return "Invalid Host header"
+        origin = headers.get("origin")
+        if origin is not None and not _matches(origin, origins):
+            return "Invalid Origin header"
+        return None
+
+    async def page(request: Request) -> Response:
+        problem = header_problem(request.headers)
+        if problem is not None:
+            return _refusal(421 if "Host" in problem else 403, problem)
+        host, vm = request.path_params["host"], request.path_params["vm"]
+        if links.verify(request.query_params.get("token", ""), host, vm) is None:
+            return _refusal(403, bad_token)
+        async with asyncio.timeout(io_timeout):
+            installed = await asyncio.to_thread(_novnc_installed, novnc_dir)
+        if not installed:
+            log.error("web console: noVNC is not installed at %s (no %s)", novnc_dir, _RFB_MODULE)
+            return _refusal(
+                503,
+                f"The web console is not available: noVNC is not installed on this server ({novnc_dir}); "
+                "the operator can install Debian's novnc package or set the noVNC directory.",
+            )
+        nonce = secrets.token_urlsafe(18)
+        # Names reach the page as HTML text and an attribute (escaped), never inside the script.
+        label = html.escape(f"{vm} on {host}", quote=True)
+        body = _PAGE.format(nonce=nonce, title=f"{label} - console", label=label)
+        return HTMLResponse(body, headers=_page_headers(nonce))
+
+    async def static(request: Request) -> Response:
+        async with asyncio.timeout(io_timeout):
+            found = await asyncio.to_thread(_static_file, novnc_dir, request.path_params["path"])
+        if found is None:
+            return _refusal(404, "Not found")
+        path, media_type = found
+        headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        return FileResponse(path, media_type=media_type, headers=headers)
+
+    async def websocket(ws: WebSocket) -> None:
+        peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "unknown"
+        problem = header_problem(ws.headers)
+        if problem is not None:
+            log.warning("web console: refused the WebSocket of %s: %s", peer, problem)
+            # Refused before the handshake: the client gets an HTTP 403 (a browser shows no body of a refused
+            # handshake anyway; and uvicorn's websockets-sansio logs a denial response as an error).
+            async with asyncio.timeout(io_timeout):
+                await ws.close(code=_CLOSE_POLICY, reason=problem)
+            return
+        host, vm = ws.path_params["host"], ws.path_params["vm"]
+        subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", ()) else None
+        grant = links.verify(ws.query_params.get("token", ""), host, vm)
+        async with asyncio.timeout(io_timeout):
+            # Accept first, even to refuse: only an open WebSocket can tell the page why it closes.
+            await ws.accept(subprotocol=subprotocol)
+        if grant is None:
+            log.warning("web console: refused the WebSocket of %s for %s on %s: bad or expired token", peer, vm, host)
+            await _close(ws, _CLOSE_POLICY, bad_token, io_timeout)
+            return
+        code, reason = _CLOSE_ERROR, "the console closed"
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(io_timeout):
+                    opening = open_vnc(grant)
+                    if isinstance(opening, AbstractAsyncContextManager):
+                        sock = await stack.enter_async_context(opening)
+                    else:
+                        sock = await opening
+            except TimeoutError:
+                reason = f"the VNC socket of {vm} did not open in {io_timeout:g} s"
+                await _close(ws, _CLOSE_ERROR, reason, io_timeout)
+                return
+            except QemuMcpError as exc:
+                log.warning("web console: cannot open the VNC socket of %s on %s: %s", vm, host, exc.message)
+                await _close(ws, _CLOSE_ERROR, f"cannot reach the display of {vm}: {exc.message}", io_timeout)
+                return
+            stack.callback(sock.close)
+            log.info("web console: %s on %s opened for %s (%s)", vm, host, grant.client, peer)
+            try:
+                code, reason = await _pump(ws, sock, io_timeout, idle_timeout)
+            finally:
+                log.info("web console: %s on %s closed for %s (%s): %s", vm, host, grant.client, peer, reason)
+        await _close(ws, code, reason, io_timeout)
+
+    return [
+        Route("/console/static/{path:path}", static, methods=["GET", "HEAD"]),
+        Route("/console/{host}/{vm}", page, methods=["GET", "HEAD"]),
+        WebSocketRoute("/console/{host}/{vm}/ws", websocket),
+    ]
+
+
+async def _close(ws: WebSocket, code: int, reason: str, timeout: float) -> None:
+    """Close ``ws`` with ``code`` and ``reason`` unless it is closed already; a peer gone meanwhile is fine."""
+    if ws.application_state != WebSocketState.CONNECTED or ws.client_state == WebSocketState.DISCONNECTED:
+        return
+    with contextlib.suppress(RuntimeError, OSError, TimeoutError, WebSocketDisconnect):
+        async with asyncio.timeout(timeout):
+            await ws.close(code=code, reason=_truncate_reason(reason))
+
+
+async def _pump(ws: WebSocket, sock: socket.socket, io_timeout: float, idle_timeout: float) -> tuple[int, str]:
+    """Carry bytes both ways until a side closes, a write stalls for ``io_timeout`` seconds or nothing moves
+    for ``idle_timeout`` seconds; the close code and reason for the browser. Buffers are bounded: a chunk is
+    read only once the previous one was written (asyncio's flow control on both transports)."""
+    async with asyncio.timeout(io_timeout):
+        reader, writer = await asyncio.open_connection(sock=sock, limit=_CHUNK)
+    traffic = asyncio.Event()
+
+    async def to_browser() -> tuple[int, str]:
+        while True:
+            data = await reader.read(_CHUNK)
+            if not data:
+                return _CLOSE_NORMAL, "the VM's display closed (the VM stopped?)"
+            traffic.set()
+            async with asyncio.timeout(io_timeout):
+                await ws.send_bytes(data)
+
+    async def to_vm() -> tuple[int, str]:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return _CLOSE_NORMAL, "the browser closed the console"
+            data = message.get("bytes")
+            if data is None:
+                return _CLOSE_UNSUPPORTED, "the console carries binary VNC messages only"
+            traffic.set()
+            writer.write(data)
+            async with asyncio.timeout(io_timeout):
+                await writer.drain()
+
+    async def watchdog() -> tuple[int, str]:
+        while True:
+            traffic.clear()
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    await traffic.wait()
+            except TimeoutError:
+                return _CLOSE_NORMAL, f"closed after {idle_timeout:g} s without traffic"
+
+    tasks = [asyncio.create_task(coro) for coro in (to_browser(), to_vm(), watchdog())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = done.pop()
+        try:
+            return first.result()
+        except TimeoutError:
+            return _CLOSE_ERROR, f"the other side stopped reading for {io_timeout:g} s"
+        except (OSError, WebSocketDisconnect, RuntimeError) as exc:
+            return _CLOSE_ERROR, f"the connection failed: {type(exc).__name__}"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        writer.close()
