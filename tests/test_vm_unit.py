@@ -15,7 +15,7 @@ from qemu_mcp_http.config import Settings
 from qemu_mcp_http.errors import InvalidInput, QemuError, VMNotFound
 from qemu_mcp_http.vm import store
 from qemu_mcp_http.vm.fence import Fence, FenceRules
-from qemu_mcp_http.vm.lifecycle import VMManager
+from qemu_mcp_http.vm.manager import VMManager
 from qemu_mcp_http.vm.qmp import QMPPool
 from qemu_mcp_http.vm.shared import SharedState
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from ..access.grants import current_grant
 from ..errors import QemuMcpError
 from ..fleet.targets import HostRequest
-from ..vm.lifecycle import VMManager
+from ..vm.manager import VMManager
 from ..vm.spec import format_size, validate_name
 from .context import AppContext
 

@@ -30,7 +30,7 @@ from ..observability import Metrics
 from ..version import __version__
 from ..vm.fence import Fence, FenceRules
 from ..vm.index import VMIndex
-from ..vm.lifecycle import VMManager
+from ..vm.manager import VMManager
 from ..vm.shared import SharedState
 from ..vm.spec import NAME_RE, validate_name, validate_path
 from ..web.console import ConsoleGrant, ConsoleLinks, console_path

@@ -35,7 +35,7 @@ from ..errors import InvalidInput, QemuMcpError, VMNotFound
 from ..fleet.changes import vm_uri
 from ..fleet.targets import HostRequest
 from ..storage.snapshot import disk_snapshots
-from ..vm.lifecycle import VMManager
+from ..vm.manager import VMManager
 from ..vm.spec import validate_name
 from .context import AppContext
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput, QemuMcpError, VMStateError
-from ..vm.lifecycle import VMManager
+from ..vm.manager import VMManager
 from ..vm.spec import validate_name
 from .sampler import METRICS, HostClock, Metric, Sampler, sleep_until
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from ...access.grants import current_grant
 from ...errors import HostError, InvalidInput, QemuMcpError
 from ...fleet.targets import HostRequest
-from ...vm.lifecycle import VMState
+from ...vm.manager import VMState
 from ...vm.spec import VMDefinition, parse_arch
 from ..context import AppContext
 from ._common import (
