@@ -17,13 +17,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
-from .access.tokens import HeaderGuard, StaticTokenVerifier, default_allowed_hosts, default_allowed_origins, load_tokens
+from .access.headers import HeaderGuard, default_allowed_hosts, default_allowed_origins
+from .access.tokens import StaticTokenVerifier, load_tokens
 from .config import Settings
 from .errors import QemuMcpError
 from .mcp.context import AppContext
 from .mcp.server import build_mcp
 from .observability import CONTENT_TYPE
+from .version import __version__
 from .web.console import console_routes
 
 __all__ = ["build_app"]
@@ -64,7 +65,7 @@ def build_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        app_context.shared.shutdown.bind(asyncio.get_running_loop())
+        app_context.shutdown.bind(asyncio.get_running_loop())
         # With accel=auto, learn at once whether KVM really runs guests here, so that /healthz and the
         # log say so before the first VM starts (which would otherwise wait for the probe).
         probe = asyncio.create_task(_probe_local_accel(app_context)) if settings.accel == "auto" else None
@@ -96,7 +97,7 @@ def build_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         middleware=[Middleware(HeaderGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)],
     )
-    starlette.state.shutdown = app_context.shared.shutdown
+    starlette.state.shutdown = app_context.shutdown
     return starlette
 
 

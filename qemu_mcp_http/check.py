@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, TextIO
 
-from .access.tokens import load_shared_secret, load_tokens
+from .access.secret import load_shared_secret
+from .access.tokens import load_tokens
 from .config import Invocation, Settings
 from .fleet.targets import load_named_hosts
 from .hosts.local import LocalHost

@@ -17,21 +17,17 @@ import json
 import logging
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
-from mcp.server.mcpserver import Context
-from mcp_types import CallToolResult
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .config import LogFormat
-from .fleet.targets import HostRequest
 from .version import __version__
 
 __all__ = [
@@ -274,41 +270,3 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-# -- what a call's arguments say of it (before any validation) -----------------------------------
-
-
-def call_record(name: str, arguments: dict[str, Any], context: Context[Any, Any] | None) -> CallRecord:
-    """What the arguments say of the call (never a credential); the answer refines host and VM later."""
-    try:
-        request_id = context.request_id if context is not None else uuid.uuid4().hex
-    except ValueError:  # a Context outside a request
-        request_id = uuid.uuid4().hex
-    host, user, vm, action = (arguments.get(key) for key in ("host", "ssh_user", "name", "action"))
-    request = HostRequest(
-        host=host if isinstance(host, str) else None, ssh_user=user if isinstance(user, str) else None
-    )
-    return CallRecord(
-        tool=name,
-        request_id=printable(request_id),
-        host="localhost" if request.is_local else printable(host),
-        vm=printable(vm) if isinstance(vm, str) else None,
-        action=printable(action) if isinstance(action, str) else None,
-    )
-
-
-def printable(value: object, limit: int = 100) -> str:
-    """A client's value made safe for a text log line: one line, bounded (it has not been validated yet)."""
-    text = str(value)
-    return "".join(c if c.isprintable() else "?" for c in text[:limit]) + ("..." if len(text) > limit else "")
-
-
-def settle(record: CallRecord, result: CallToolResult) -> None:
-    """Outcome, host and VM from the tool's ``{success, message, data}`` answer."""
-    data = (result.structured_content or {}).get("data")
-    data = data if isinstance(data, dict) else {}
-    record.host = printable(data.get("host", record.host))
-    record.vm = printable(data["vm_name"]) if "vm_name" in data else record.vm
-    if result.is_error:
-        record.fail(str(data.get("error", "ToolError")))

@@ -99,7 +99,7 @@ async def as_client(url: str, token: str, mode: str = "2026-07-28") -> AsyncIter
 
 
 def test_the_table_is_the_issue_s() -> None:
-    from qemu_mcp_http.access.grants import ACTION_SCOPES
+    from qemu_mcp_http.mcp.scopes import ACTION_SCOPES
     from qemu_mcp_http.mcp.tools import TOOLS
 
     table = {(tool, action): scope for tool, actions in ACTION_SCOPES.items() for action, scope in actions.items()}

@@ -37,7 +37,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from websockets.asyncio.client import connect as ws_connect
 
-from qemu_mcp_http.access.tokens import HeaderGuard
+from qemu_mcp_http.access.headers import HeaderGuard
 from qemu_mcp_http.errors import InvalidInput, SocketUnavailable
 from qemu_mcp_http.hosts.local import LocalHost
 from qemu_mcp_http.web.console import ConsoleGrant, ConsoleLinks, OpenVnc, console_path, console_routes

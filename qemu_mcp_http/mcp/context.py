@@ -17,15 +17,17 @@ from mcp.server.mcpserver import Context
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from ..access.grants import Grant
-from ..access.tokens import check_ssh_key, client_identity
 from ..config import Settings
 from ..errors import CredentialUnusable, InvalidInput, SocketUnavailable, VMStateError
 from ..fleet.changes import ChangeFeed, Watcher
+from ..fleet.keys import check_ssh_key
+from ..fleet.shutdown import ShutdownSignal
 from ..fleet.targets import HostRequest, NamedHost, load_host_groups, load_named_hosts
 from ..hosts.base import Host
 from ..hosts.local import LocalHost
 from ..hosts.pool import PoolLimits, SSHPool
 from ..hosts.ssh import SSHHost
+from ..monitoring.streams import StreamLimiter
 from ..observability import Metrics
 from ..version import __version__
 from ..vm.fence import Fence, FenceRules
@@ -34,6 +36,7 @@ from ..vm.manager import VMManager
 from ..vm.shared import SharedState
 from ..vm.spec import NAME_RE, validate_name, validate_path
 from ..web.console import ConsoleGrant, ConsoleLinks, console_path
+from .calls import client_identity
 
 __all__ = ["AppContext"]
 
@@ -53,6 +56,10 @@ class AppContext:
     named_hosts: dict[str, NamedHost] = field(init=False)
     host_groups: dict[str, tuple[str, ...]] = field(init=False)
     metrics: Metrics = field(init=False)
+    #: monitor_vm_status streams running now, per client.
+    monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
+    #: Tells open-ended calls (monitor streams) that the server is going down.
+    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
     #: State-changing calls run to their end in these tasks, even when their client goes away.
     operations: set[asyncio.Task[Any]] = field(default_factory=set)
     #: Short-lived signed links to the web console (a random key per process: links die with it).
@@ -68,7 +75,7 @@ class AppContext:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
         self.shared.qmp.idle_timeout = self.settings.qmp_idle_hold
         self.ssh = SSHPool(PoolLimits.from_settings(self.settings))
-        streams = self.shared.monitor_streams
+        streams = self.monitor_streams
         self.metrics = Metrics(pool=self.ssh.snapshot, monitor_streams=lambda: streams.running)
         self.named_hosts = load_named_hosts(self.settings.ssh_hosts_file)
         self.host_groups = load_host_groups(self.settings.ssh_hosts_file, self.named_hosts)

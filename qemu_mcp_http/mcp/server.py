@@ -18,16 +18,19 @@ from mcp_types import CallToolResult, InputRequiredResult, SubscribeRequestParam
 from mcp_types import Tool as MCPTool
 from pydantic import AnyHttpUrl, ValidationError
 
-from .. import __version__
-from ..access.grants import Grant, current_grant, refusal, tool_visible
-from ..access.tokens import SCOPE, StaticTokenVerifier, derive_key, load_shared_secret, load_tokens
+from ..access.grants import Grant, current_grant
+from ..access.secret import derive_key, load_shared_secret
+from ..access.tokens import SCOPE, StaticTokenVerifier, load_tokens
 from ..fleet.bus import RedisSubscriptionBus
 from ..fleet.changes import ChangeFeed, VMFingerprint, Watcher
 from ..fleet.targets import HostRequest
-from ..observability import Metrics, call_record, printable, settle, tool_call
+from ..observability import Metrics, tool_call
+from ..version import __version__
 from ..web.console import ConsoleLinks
+from .calls import call_record, printable, settle
 from .context import AppContext
 from .resources import register_resources
+from .scopes import refusal, tool_visible
 from .tools import TOOLS
 from .tools._common import envelope, validation_envelope
 

@@ -1,5 +1,5 @@
-"""State shared by every call of one server: per-VM locks, QMP connections, the accelerator probe's
-verdicts, monitor streams, host facts and the shutdown signal."""
+"""What every VM operation of one server shares: per-VM locks, QMP and guest-agent connections, the accelerator
+probe's verdicts and host facts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from ..access.tokens import StreamLimiter
 from ..errors import OperationTimeout
-from ..fleet.shutdown import ShutdownSignal
 from .accel import AccelProbe
 from .qga import AgentPool
 from .qmp import QMPPool
@@ -20,13 +18,11 @@ __all__ = ["SharedState"]
 
 @dataclass
 class SharedState:
-    """State shared by every call of one server: per-VM locks, the accelerator probe cache, monitor streams."""
+    """What every VM operation of one server shares: per-VM locks, QMP and agent connections, accelerator verdicts."""
 
     accel_probe: AccelProbe = field(default_factory=AccelProbe)
-    monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
     qmp: QMPPool = field(default_factory=QMPPool)
     agents: AgentPool = field(default_factory=AgentPool)
-    shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
     #: Facts of a host that do not change while the server runs (clock tick, CPU count), by host identity.
     host_facts: dict[tuple[str, str], object] = field(default_factory=dict)
 

@@ -25,7 +25,7 @@ out of the address bar once loaded, and :func:`console_routes` has uvicorn's req
 ``token=[redacted]`` instead. The expiry is checked when a connection opens; an open console stays
 open until either side closes it, or it carries no byte for ``idle_timeout`` seconds.
 
-Host and Origin are checked on the WebSocket as :class:`~qemu_mcp_http.security.HeaderGuard` checks them
+Host and Origin are checked on the WebSocket as :class:`~qemu_mcp_http.access.headers.HeaderGuard` checks them
 on HTTP requests (the same patterns): a page of another origin cannot open a console, even with a token.
 
 Why one module of 500 lines: the signing, the page, its headers and the WebSocket pump are one security
@@ -56,13 +56,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..access.tokens import _matches
+from ..access.headers import header_problem
 from ..errors import InvalidInput, QemuMcpError
 
 __all__ = ["ConsoleGrant", "ConsoleLinks", "OpenVnc", "console_path", "console_routes"]
@@ -334,7 +333,7 @@ def console_routes(
     :class:`~qemu_mcp_http.errors.QemuMcpError` (its message reaches the page as the close reason), and is
     given at most ``io_timeout`` seconds to open, as is every other wait but the one for traffic, which ends after
     ``idle_timeout`` seconds without a byte either way. ``allowed_origins`` and ``allowed_hosts`` take the
-    patterns of :class:`~qemu_mcp_http.security.HeaderGuard`. A missing noVNC directory is no error here:
+    patterns of :class:`~qemu_mcp_http.access.headers.HeaderGuard`. A missing noVNC directory is no error here:
     the page then answers 503 saying so (install Debian's ``novnc``), so the server runs without it. Installs
     a filter on uvicorn's request loggers that shows ``token=[redacted]`` (once per process).
     """
@@ -342,16 +341,8 @@ def console_routes(
     origins, hosts = tuple(allowed_origins), tuple(allowed_hosts)
     bad_token = _BAD_TOKEN.format(ttl=links.ttl)
 
-    def header_problem(headers: Headers) -> str | None:
-        if not _matches(headers.get("host", ""), hosts):
-            return "Invalid Host header"
-        origin = headers.get("origin")
-        if origin is not None and not _matches(origin, origins):
-            return "Invalid Origin header"
-        return None
-
     async def page(request: Request) -> Response:
-        problem = header_problem(request.headers)
+        problem = header_problem(request.headers, hosts, origins)
         if problem is not None:
             return _refusal(421 if "Host" in problem else 403, problem)
         host, vm = request.path_params["host"], request.path_params["vm"]
@@ -383,7 +374,7 @@ def console_routes(
 
     async def websocket(ws: WebSocket) -> None:
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "unknown"
-        problem = header_problem(ws.headers)
+        problem = header_problem(ws.headers, hosts, origins)
         if problem is not None:
             log.warning("web console: refused the WebSocket of %s: %s", peer, problem)
             # Refused before the handshake: the client gets an HTTP 403 (a browser shows no body of a refused

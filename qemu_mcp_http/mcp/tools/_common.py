@@ -14,9 +14,10 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
+from ...access.audit import audit
 from ...access.grants import current_grant
-from ...access.tokens import audit, client_identity
 from ...errors import QemuMcpError
+from ..calls import client_identity
 from ..confirm import refusal
 from ..context import AppContext
 

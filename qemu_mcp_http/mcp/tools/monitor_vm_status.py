@@ -9,10 +9,10 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
-from ...access.tokens import client_identity
 from ...errors import QemuMcpError
 from ...fleet.targets import HostRequest
 from ...monitoring.monitor import MonitorRun, monitor_vm
+from ..calls import client_identity
 from ..context import AppContext
 from ._common import (
     HostArg,
@@ -74,13 +74,11 @@ async def monitor_vm_status(
     async def work() -> tuple[str, dict[str, Any]]:
         settings = app.settings
         client = client_identity(ctx)
-        with app.shared.monitor_streams.slot(
-            client, settings.max_monitor_streams_per_client, settings.max_monitor_streams
-        ):
+        with app.monitor_streams.slot(client, settings.max_monitor_streams_per_client, settings.max_monitor_streams):
             async with app.vms(request, vm_dir, name=name) as vms:
                 try:
                     # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
-                    await app.shared.shutdown.cancel_on_shutdown(
+                    await app.shutdown.cancel_on_shutdown(
                         monitor_vm(vms, name, metrics, interval, count, on_sample, run)
                     )
                 except QemuMcpError as exc:
