@@ -18,6 +18,7 @@ from qemu_mcp_http.vm.fence import Fence, FenceRules
 from qemu_mcp_http.vm.manager import VMManager
 from qemu_mcp_http.vm.qmp import QMPPool
 from qemu_mcp_http.vm.shared import SharedState
+from qemu_mcp_http.vm.vmdir import VMDir
 
 from .fakehost import FakeHost, FakeImage
 
@@ -43,8 +44,8 @@ async def vms(host: FakeHost) -> AsyncIterator[VMManager]:
     settings = Settings(vm_dir=VM_DIR, accel="tcg", allowed_roots=("/",), qmp_timeout=1.0)
     shared = SharedState(qmp=QMPPool(idle_timeout=0.05))
     fence = Fence(host, FenceRules(roots=("/",)), settings.command_timeout)
-    manager = VMManager(host, VM_DIR, settings, shared, fence)
-    manager.quit_wait = QUICK
+    manager = VMManager(VMDir(host, VM_DIR, settings, shared, fence))
+    manager.power.quit_wait = QUICK
     try:
         yield manager
     finally:

@@ -1,11 +1,10 @@
-"""The serial console and the screen of a VM (``vm_console``): read, send, wait, screenshot, keys, type.
+"""The serial console of a VM (``vm_console`` read, send, wait; the screen is :mod:`.screen`).
 
 The serial console is a unix-socket chardev whose every byte QEMU also appends to ``console.log``: reads and
 waits follow the log (by byte offset, so a client can follow it), input goes to the socket (one client at a
-time, as QEMU serves it; the connection is held only to write).  The screen comes from QMP (``screendump``
-as PNG, ``send-key``).  Everything the console shows is written by the guest: sizes are bounded, and a
-client's regular expression is searched with a time limit (the ``regex`` module), so that neither side can
-make the server spin.
+time, as QEMU serves it; the connection is held only to write).  Everything the console shows is written by the
+guest: sizes are bounded, and a client's regular expression is searched with a time limit (the ``regex``
+module), so that neither side can make the server spin.
 """
 
 from __future__ import annotations
@@ -13,26 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import regex
 
-from ..errors import InvalidInput, QemuError, SocketUnavailable, VMStateError
-from ..guest.readiness import console_tail
-from ..vm.spec import VMDefinition, validate_name
-from ..vm.vmdir import VMOps
-from .keys import (
-    MAX_TYPE_CHARS,
-    combo_duration_ms,
-    parse_key_sequence,
-    send_key_arguments,
-    text_to_key_combos,
-)
-from .text import decode_console, png_dimensions, strip_terminal_escapes, tail_lines
+from ..errors import InvalidInput, SocketUnavailable, VMStateError
+from ..vm.spec import validate_name
+from ..vm.vmdir import VMDir
+from .text import decode_console, strip_terminal_escapes, tail_lines
 
-__all__ = ["ConsoleOps", "ConsoleWaitTimeout"]
+__all__ = ["ConsoleWaitTimeout", "SerialConsole"]
 
 Progress = Callable[[float, str], Awaitable[None]]
 #: The most a read returns, and the most text one send writes.
@@ -45,38 +35,32 @@ SEARCH_SECONDS = 0.5
 #: How long a send stays connected: a base, plus the time the guest's UART takes for the bytes.
 LINGER_BASE_S = 0.3
 LINGER_BYTES_PER_S = 5000
-#: Largest PNG a screendump may be.
-MAX_SCREENSHOT_BYTES = 16 << 20
 
 
 class ConsoleWaitTimeout(VMStateError):
     """The pattern did not appear in time; ``details`` hold the console's last lines."""
 
 
-class ConsoleOps(VMOps):
-    """read, send, wait, screenshot, keys, type."""
+class SerialConsole:
+    """read, send, wait."""
 
-    async def _running(self, name: str) -> VMDefinition:
-        definition = await self.store.load(validate_name(name))
-        facts = (await self.store.process_facts([definition.name]))[definition.name]
-        if not facts.alive:
-            raise VMStateError(f"VM {definition.name} is not running; start it first")
-        return definition
+    def __init__(self, vms: VMDir) -> None:
+        self.vms = vms
 
     async def console_read(self, name: str, lines: int | None, offset: int | None, raw: bool) -> dict[str, Any]:
         """The console's last ``lines`` lines (default 50), or everything from byte ``offset`` (at most
         ``MAX_READ_BYTES``) with the offset to ask for next. A log that shrank (it never does while QEMU
         appends) restarts at 0, and ``restarted`` says so."""
-        definition = await self.store.load(validate_name(name))
-        log = self.store.paths(definition.name).console_log
-        timeout = self.settings.command_timeout
+        definition = await self.vms.store.load(validate_name(name))
+        log = self.vms.store.paths(definition.name).console_log
+        timeout = self.vms.settings.command_timeout
         if offset is not None:
             if isinstance(offset, bool) or offset < 0:
                 raise InvalidInput("offset", f"{offset!r} must be a byte offset >= 0 (0: the start of the log)")
-            data, size = await self.host.read_range(log, offset=offset, length=MAX_READ_BYTES, timeout=timeout)
+            data, size = await self.vms.host.read_range(log, offset=offset, length=MAX_READ_BYTES, timeout=timeout)
             restarted = offset > size
             if restarted:
-                data, size = await self.host.read_range(log, offset=0, length=MAX_READ_BYTES, timeout=timeout)
+                data, size = await self.vms.host.read_range(log, offset=0, length=MAX_READ_BYTES, timeout=timeout)
                 offset = 0
             text = decode_console(data)
             return {
@@ -89,7 +73,7 @@ class ConsoleOps(VMOps):
         count = 50 if lines is None else lines
         if isinstance(count, bool) or not 1 <= count <= 10000:
             raise InvalidInput("lines", f"{lines!r} must be 1 .. 10000")
-        data, size = await self.host.read_range(log, offset=None, length=MAX_READ_BYTES, timeout=timeout)
+        data, size = await self.vms.host.read_range(log, offset=None, length=MAX_READ_BYTES, timeout=timeout)
         text = decode_console(data)
         return {
             "text": tail_lines(text if raw else strip_terminal_escapes(text), count),
@@ -104,12 +88,12 @@ class ConsoleOps(VMOps):
         data = text.replace("\r\n", "\n").replace("\n", "\r").encode()
         if len(data) > MAX_SEND_BYTES:
             raise InvalidInput("text", f"is longer than {MAX_SEND_BYTES} bytes; send it in parts")
-        definition = await self._running(name)
-        path = self.store.paths(definition.name).console_socket
-        timeout = self.settings.qmp_timeout
-        async with self.shared.console_lock(self.host.identity, path):
+        definition = await self.vms.load_running(name)
+        path = self.vms.store.paths(definition.name).console_socket
+        timeout = self.vms.settings.qmp_timeout
+        async with self.vms.shared.console_lock(self.vms.host.identity, path):
             try:
-                sock = await self.host.open_unix_socket(path, timeout=timeout)
+                sock = await self.vms.host.open_unix_socket(path, timeout=timeout)
             except SocketUnavailable as exc:
                 raise VMStateError(
                     f"the serial console of VM {definition.name} takes no input ({exc.reason}); it may be held by "
@@ -147,24 +131,24 @@ class ConsoleOps(VMOps):
             compiled = regex.compile(pattern, regex.MULTILINE)
         except regex.error as exc:
             raise InvalidInput("pattern", f"{pattern!r} is not a valid regular expression: {exc}") from exc
-        if not math.isfinite(timeout) or not 0 < timeout <= self.settings.max_wait_timeout:
+        if not math.isfinite(timeout) or not 0 < timeout <= self.vms.settings.max_wait_timeout:
             raise InvalidInput(
-                "timeout", f"{timeout!r} must be seconds above 0, at most {self.settings.max_wait_timeout:g}"
+                "timeout", f"{timeout!r} must be seconds above 0, at most {self.vms.settings.max_wait_timeout:g}"
             )
         if offset is not None and (isinstance(offset, bool) or offset < 0):
             raise InvalidInput("offset", f"{offset!r} must be a byte offset >= 0")
-        definition = await self.store.load(validate_name(name))
-        log = self.store.paths(definition.name).console_log
-        io_timeout = self.settings.command_timeout
+        definition = await self.vms.store.load(validate_name(name))
+        log = self.vms.store.paths(definition.name).console_log
+        io_timeout = self.vms.settings.command_timeout
         if offset is None:
-            _, offset = await self.host.read_range(log, offset=None, length=0, timeout=io_timeout)
+            _, offset = await self.vms.host.read_range(log, offset=None, length=0, timeout=io_timeout)
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline, next_report, delay = began + timeout, began, 0.05
         position, carry = offset, b""
         seen: list[str] = []
         while True:
-            data, size = await self.host.read_range(log, offset=position, length=MAX_READ_BYTES, timeout=io_timeout)
+            data, size = await self.vms.host.read_range(log, offset=position, length=MAX_READ_BYTES, timeout=io_timeout)
             if size < position:  # the log started again (QEMU restarted without logappend)
                 position, carry = 0, b""
                 continue
@@ -195,7 +179,7 @@ class ConsoleOps(VMOps):
                 raise ConsoleWaitTimeout(
                     f"{pattern!r} did not appear on the console of VM {definition.name} within {timeout:g} s "
                     "(details.console_tail: its last lines)",
-                    {"console_tail": await console_tail(self.host, log, io_timeout), "next_offset": position},
+                    {"console_tail": await self.vms.console_tail(definition.name), "next_offset": position},
                 )
             if progress is not None and now >= next_report:
                 await progress(now - began, f"waiting for {pattern[:80]!r}")
@@ -211,50 +195,6 @@ class ConsoleOps(VMOps):
             raise InvalidInput(
                 "pattern", f"searching one console line took more than {SEARCH_SECONDS:g} s; simplify the pattern"
             ) from exc
-
-    async def console_screenshot(self, name: str) -> tuple[dict[str, Any], bytes]:
-        """The screen as PNG (QMP ``screendump``; the file QEMU writes on the VM's host is read and removed)."""
-        definition = await self._running(name)
-        path = self.store.paths(definition.name).screenshot(secrets.token_hex(8))
-        timeout = self.settings.command_timeout
-        try:
-            async with self.qmp(definition.name) as qmp:
-                await qmp.execute("screendump", {"filename": path, "format": "png"})
-            data, size = await self.host.read_range(path, offset=0, length=MAX_SCREENSHOT_BYTES + 1, timeout=timeout)
-        finally:
-            await self._run("rm", "-f", "--", path, check=False)
-        if size > MAX_SCREENSHOT_BYTES:
-            raise QemuError(f"the screendump of VM {definition.name} is larger than {MAX_SCREENSHOT_BYTES} bytes")
-        try:
-            width, height = png_dimensions(data)
-        except ValueError as exc:
-            raise QemuError(f"QEMU's screendump of VM {definition.name} is not a PNG: {exc}") from exc
-        return {"width": width, "height": height, "bytes": len(data), "format": "png"}, data
-
-    async def console_keys(self, name: str, keys: object, hold_time_ms: int | None) -> dict[str, Any]:
-        """Press key combinations (QMP ``send-key``), one after the other, each held ``hold_time_ms``."""
-        combos = parse_key_sequence(keys)
-        return await self._press(name, combos, hold_time_ms)
-
-    async def console_type(self, name: str, text: str, hold_time_ms: int | None) -> dict[str, Any]:
-        """Type ``text`` as key presses on a US keyboard layout."""
-        if not isinstance(text, str) or not text:
-            raise InvalidInput("text", "give the text to type, e.g. 'root\\n'")
-        if len(text) > MAX_TYPE_CHARS:
-            raise InvalidInput("text", f"is longer than {MAX_TYPE_CHARS} characters; type it in parts")
-        return await self._press(name, text_to_key_combos(text), hold_time_ms)
-
-    async def _press(self, name: str, combos: tuple[tuple[str, ...], ...], hold_time_ms: int | None) -> dict[str, Any]:
-        definition = await self._running(name)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        async with self.qmp(definition.name) as qmp:
-            for combo in combos:
-                await qmp.execute("send-key", send_key_arguments(combo, hold_time_ms))
-                # QEMU's keyboard queue drops events sent faster than they are played: pace them.
-                await asyncio.sleep(combo_duration_ms(combo, hold_time_ms) / 1000)
-        seconds = loop.time() - began
-        return {"combos": len(combos), "seconds": round(seconds, 3)}
 
 
 async def _linger(reader: asyncio.StreamReader, size: int) -> None:

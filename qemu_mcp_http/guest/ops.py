@@ -1,6 +1,6 @@
 """Commands and files inside a running guest, through its QEMU guest agent (``vm_guest``).
 
-Everything goes over the VM's shared agent connection (:class:`.qga.AgentPool`), locally or through the
+Everything goes over the VM's shared agent connection (:class:`..vm.qga.AgentPool`), locally or through the
 pooled SSH connection.  What the agent answers is written by the guest: sizes are bounded and values kept
 only when they have the expected shape.
 """
@@ -14,10 +14,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import GuestAgentError, GuestAgentUnavailable, InvalidInput, VMStateError
+from ..errors import GuestAgentError, GuestAgentUnavailable, InvalidInput
 from ..vm.qga import GuestAgent
-from ..vm.spec import validate_name
-from ..vm.vmdir import VMOps
+from ..vm.vmdir import VMDir
 
 __all__ = ["GuestOps"]
 
@@ -35,21 +34,19 @@ _DISABLED_HINT = (
 )
 
 
-class GuestOps(VMOps):
+class GuestOps:
     """exec, read_file, write_file, info."""
+
+    def __init__(self, vms: VMDir) -> None:
+        self.vms = vms
 
     async def _agent_of(self, name: str) -> tuple[str, float]:
         """The agent socket of running VM ``name`` and the timeout of one agent exchange.
 
         :raise VMStateError: the VM is not running.
         """
-        definition = await self.store.load(validate_name(name))
-        facts = (await self.store.process_facts([definition.name]))[definition.name]
-        if not facts.alive:
-            raise VMStateError(
-                f"VM {definition.name} is not running; start it (wait='agent' returns once its guest agent answers)"
-            )
-        return self.store.paths(definition.name).qga_socket, self.settings.qmp_timeout
+        definition = await self.vms.load_running(name, "start it (wait='agent' returns once its guest agent answers)")
+        return self.vms.store.paths(definition.name).qga_socket, self.vms.settings.qmp_timeout
 
     async def guest_exec(
         self, name: str, command: object, stdin: str | None, timeout: float, env: object = None
@@ -62,22 +59,22 @@ class GuestOps(VMOps):
         """
         argv = _argv(command)
         environment = _environment(env)
-        if not math.isfinite(timeout) or not 0 < timeout <= self.settings.max_wait_timeout:
+        if not math.isfinite(timeout) or not 0 < timeout <= self.vms.settings.max_wait_timeout:
             raise InvalidInput(
-                "timeout", f"{timeout!r} must be seconds above 0, at most {self.settings.max_wait_timeout:g}"
+                "timeout", f"{timeout!r} must be seconds above 0, at most {self.vms.settings.max_wait_timeout:g}"
             )
         arguments: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if environment:
             arguments["env"] = environment
         if stdin is not None:
             data = stdin.encode()
-            if len(data) > self.settings.guest_file_limit:
-                raise InvalidInput("input", f"is larger than {self.settings.guest_file_limit} bytes")
+            if len(data) > self.vms.settings.guest_file_limit:
+                raise InvalidInput("input", f"is larger than {self.vms.settings.guest_file_limit} bytes")
             arguments["input-data"] = base64.b64encode(data).decode()
         path, agent_timeout = await self._agent_of(name)
         loop = asyncio.get_running_loop()
         began = loop.time()
-        async with self.shared.agents.session(self.host, path, agent_timeout) as agent:
+        async with self.vms.shared.agents.session(self.vms.host, path, agent_timeout) as agent:
             started = await _call(agent, "guest-exec", arguments)
             pid = started.get("pid") if isinstance(started, dict) else None
             if not isinstance(pid, int):
@@ -88,7 +85,7 @@ class GuestOps(VMOps):
                 f"the command did not end within {timeout:g} s; it may still run in the guest (pid {pid})",
                 {"pid": pid, "seconds": round(loop.time() - began, 3)},
             )
-        limit = self.settings.guest_output_limit
+        limit = self.vms.settings.guest_output_limit
         stdout, out_cut = _output(status.get("out-data"), limit)
         stderr, err_cut = _output(status.get("err-data"), limit)
         return {
@@ -116,7 +113,7 @@ class GuestOps(VMOps):
 
     async def guest_read_file(self, name: str, path: str, max_bytes: int | None) -> dict[str, Any]:
         """At most ``max_bytes`` (default and ceiling: ``--guest-file-limit``) of a guest file."""
-        limit = self.settings.guest_file_limit
+        limit = self.vms.settings.guest_file_limit
         wanted = limit if max_bytes is None else max_bytes
         if isinstance(wanted, bool) or not 0 < wanted <= limit:
             raise InvalidInput("max_bytes", f"{max_bytes!r} must be 1 .. {limit}")
@@ -124,7 +121,7 @@ class GuestOps(VMOps):
         socket_path, timeout = await self._agent_of(name)
         data = bytearray()
         truncated = False
-        async with self.shared.agents.session(self.host, socket_path, timeout) as agent:
+        async with self.vms.shared.agents.session(self.vms.host, socket_path, timeout) as agent:
             handle = await _call(agent, "guest-file-open", {"path": guest_path, "mode": "r"})
             if not isinstance(handle, int):
                 raise GuestAgentError("the guest agent answered guest-file-open without a handle")
@@ -163,12 +160,12 @@ class GuestOps(VMOps):
                 data = base64.b64decode(content_base64 or "", validate=True)
             except ValueError as exc:
                 raise InvalidInput("content_base64", "is not valid base64") from exc
-        if len(data) > self.settings.guest_file_limit:
-            raise InvalidInput("content", f"is larger than {self.settings.guest_file_limit} bytes")
+        if len(data) > self.vms.settings.guest_file_limit:
+            raise InvalidInput("content", f"is larger than {self.vms.settings.guest_file_limit} bytes")
         if mode is not None and not _MODE.fullmatch(mode):
             raise InvalidInput("mode", f"{mode!r} is not an octal file mode; use e.g. '0644' or '755'")
         socket_path, timeout = await self._agent_of(name)
-        async with self.shared.agents.session(self.host, socket_path, timeout) as agent:
+        async with self.vms.shared.agents.session(self.vms.host, socket_path, timeout) as agent:
             handle = await _call(agent, "guest-file-open", {"path": guest_path, "mode": "a" if append else "w"})
             if not isinstance(handle, int):
                 raise GuestAgentError("the guest agent answered guest-file-open without a handle")
@@ -190,7 +187,7 @@ class GuestOps(VMOps):
         """What the agent says of itself and the guest; a part it does not support is ``None``."""
         socket_path, timeout = await self._agent_of(name)
         out: dict[str, Any] = {}
-        async with self.shared.agents.session(self.host, socket_path, timeout) as agent:
+        async with self.vms.shared.agents.session(self.vms.host, socket_path, timeout) as agent:
             for key, command in (
                 ("agent", "guest-info"),
                 ("os", "guest-get-osinfo"),

@@ -14,13 +14,11 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from ..console.text import decode_console, strip_terminal_escapes, tail_lines
 from ..errors import GuestAgentError, InvalidInput, QemuMcpError, SocketUnavailable, VMStateError
-from ..hosts.base import Host
 from ..vm.spec import VMDefinition
-from ..vm.vmdir import VMOps
+from ..vm.vmdir import VMDir
 
-__all__ = ["GuestNotReady", "WaitMode", "console_tail", "guest_facts", "wait_ready"]
+__all__ = ["GuestNotReady", "WaitMode", "guest_facts", "wait_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +27,6 @@ WAIT_MODES: tuple[WaitMode, ...] = ("running", "agent", "ssh")
 Progress = Callable[[float, str], Awaitable[None]]
 #: Seconds between progress notifications while waiting.
 PROGRESS_EVERY = 2.0
-#: Lines of the serial console a failed wait shows.
-CONSOLE_TAIL_LINES = 30
 
 
 class GuestNotReady(VMStateError):
@@ -58,7 +54,7 @@ def check_wait(mode: str, timeout: float, limit: float, definition: VMDefinition
 
 
 async def wait_ready(
-    vms: VMOps, definition: VMDefinition, mode: WaitMode, timeout: float, progress: Progress | None = None
+    vms: VMDir, definition: VMDefinition, mode: WaitMode, timeout: float, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Wait until the guest answers as ``mode`` asks; return ``waited_seconds``.
 
@@ -68,7 +64,6 @@ async def wait_ready(
     loop = asyncio.get_running_loop()
     began = loop.time()
     deadline = began + timeout
-    paths = vms.store.paths(definition.name)
     delay = 0.1
     next_report = began
     while True:
@@ -80,7 +75,7 @@ async def wait_ready(
         if not facts.alive:
             raise VMStateError(
                 f"VM {definition.name} stopped while waiting for it to be ready",
-                {"console_tail": await console_tail(vms.host, paths.console_log, vms.settings.command_timeout)},
+                {"console_tail": await vms.console_tail(definition.name)},
             )
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -96,11 +91,11 @@ async def wait_ready(
     raise GuestNotReady(
         f"VM {definition.name} is running, but {what} within {timeout:g} s; it was left running "
         "(details.console_tail: the end of its serial console)",
-        {"console_tail": await console_tail(vms.host, paths.console_log, vms.settings.command_timeout)},
+        {"console_tail": await vms.console_tail(definition.name)},
     )
 
 
-async def _agent_answers(vms: VMOps, definition: VMDefinition, timeout: float) -> bool:
+async def _agent_answers(vms: VMDir, definition: VMDefinition, timeout: float) -> bool:
     paths = vms.store.paths(definition.name)
     try:
         async with vms.shared.agents.session(vms.host, paths.qga_socket, timeout) as agent:
@@ -110,7 +105,7 @@ async def _agent_answers(vms: VMOps, definition: VMDefinition, timeout: float) -
     return True
 
 
-async def _ssh_answers(vms: VMOps, definition: VMDefinition, timeout: float) -> bool:
+async def _ssh_answers(vms: VMDir, definition: VMDefinition, timeout: float) -> bool:
     """Whether the forwarded port 22 sends an SSH banner (user networking accepts the connection at once and
     drops it while nothing listens in the guest, so only the banner counts)."""
     port = definition.ssh_port
@@ -137,7 +132,7 @@ async def _ssh_answers(vms: VMOps, definition: VMDefinition, timeout: float) -> 
     return banner.startswith(b"SSH-")
 
 
-async def guest_facts(vms: VMOps, definition: VMDefinition, timeout: float) -> dict[str, Any] | None:
+async def guest_facts(vms: VMDir, definition: VMDefinition, timeout: float) -> dict[str, Any] | None:
     """Hostname, OS and addresses per interface from the guest agent, or ``None`` when it does not answer.
 
     All of it is written by the guest: only plain values of bounded size are kept.
@@ -176,13 +171,3 @@ def _addresses(interfaces: object) -> dict[str, list[str]]:
         ]
         out[entry["name"][:32]] = found
     return out
-
-
-async def console_tail(host: Host, path: str, timeout: float, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
-    """The last lines of a serial console log, escape sequences stripped (a guest writes it: bounded)."""
-    try:
-        data, _ = await host.read_range(path, offset=None, length=16384, timeout=timeout)
-    except QemuMcpError:
-        return []
-    text = tail_lines(strip_terminal_escapes(decode_console(data)), lines)
-    return [line[:500] for line in text.splitlines()]

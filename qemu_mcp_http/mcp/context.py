@@ -35,6 +35,7 @@ from ..vm.index import VMIndex
 from ..vm.manager import VMManager
 from ..vm.shared import SharedState
 from ..vm.spec import NAME_RE, validate_name, validate_path
+from ..vm.vmdir import VMDir
 from ..web.console import ConsoleGrant, ConsoleLinks, console_path
 from .calls import client_identity
 
@@ -268,4 +269,4 @@ class AppContext:
             if fence.rules.roots is not None:
                 real = (await fence.resolve([directory]))[0]
                 fence.check_roots("vm_dir", directory, real, "vm_dir")
-            yield VMManager(host, directory, self.settings, self.shared, fence, index)
+            yield VMManager(VMDir(host, directory, self.settings, self.shared, fence, index))

@@ -34,7 +34,6 @@ from ..access.grants import Grant
 from ..errors import InvalidInput, QemuMcpError, VMNotFound
 from ..fleet.changes import vm_uri
 from ..fleet.targets import HostRequest
-from ..storage.snapshot import disk_snapshots
 from ..vm.manager import VMManager
 from ..vm.spec import validate_name
 from .context import AppContext
@@ -122,7 +121,7 @@ def register_resources(server: MCPServer[AppContext], app: AppContext, grant: Ca
             disk = definition.disk
             if disk.format == "qcow2" and disk.created_by_tool:
                 try:
-                    snapshots, _ = await disk_snapshots(vms, definition, state.status == "running")
+                    snapshots, _ = await vms.disk_snapshots(definition, state.status == "running")
                     row["snapshots"] = snapshots
                 except QemuMcpError as exc:
                     row["snapshots_error"] = exc.message

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidInput, QemuMcpError, VMStateError
-from ..vm.manager import VMManager
 from ..vm.spec import validate_name
+from ..vm.vmdir import VMDir
 from .sampler import METRICS, HostClock, Metric, Sampler, sleep_until
 
 __all__ = ["MonitorRun", "monitor_vm", "parse_metrics"]
@@ -35,7 +35,7 @@ class MonitorRun:
     ended_by: str = "count"
 
 
-async def _host_clock(vms: VMManager, timeout: float) -> HostClock:
+async def _host_clock(vms: VMDir, timeout: float) -> HostClock:
     """The host's clock tick and CPU count, asked once per host for the server's life."""
     key = ("clock", vms.host.identity)
     clock = vms.shared.host_facts.get(key)
@@ -45,7 +45,7 @@ async def _host_clock(vms: VMManager, timeout: float) -> HostClock:
 
 
 async def monitor_vm(
-    vms: VMManager,
+    vms: VMDir,
     name: str,
     metrics: str,
     interval: float,

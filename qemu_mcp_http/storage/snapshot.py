@@ -22,17 +22,22 @@ from typing import Any
 from ..errors import InvalidInput, OperationTimeout, QemuError, QMPFailure, VMStateError
 from ..vm.qmp import QMPSession
 from ..vm.spec import NAME_RE, DiskDefinition, VMDefinition, format_size, validate_name
-from ..vm.vmdir import VMOps
+from ..vm.vmdir import VMDir
+from .disks import DiskImages
 
-__all__ = ["SnapshotOps", "disk_snapshots"]
+__all__ = ["SnapshotOps"]
 
 Progress = Callable[[float, str], Awaitable[None]]
 #: The block node of a VM's disk (``-drive ... node-name=disk0-fmt``, see argv.py).
 DISK_NODE = "disk0-fmt"
 
 
-class SnapshotOps(VMOps):
-    """create, list, revert, delete."""
+class SnapshotOps:
+    """create, list, revert, delete; and the snapshots a disk holds, for delete, modify and the resources."""
+
+    def __init__(self, vms: VMDir, disks: DiskImages) -> None:
+        self.vms = vms
+        self.disks = disks
 
     def _snapshot_disk(self, definition: VMDefinition) -> None:
         """:raise VMStateError: the disk cannot hold the tool's snapshots."""
@@ -48,9 +53,9 @@ class SnapshotOps(VMOps):
             )
 
     async def _snapshot_target(self, name: str) -> tuple[VMDefinition, bool]:
-        definition = await self.store.load(validate_name(name))
+        definition = await self.vms.store.load(validate_name(name))
         self._snapshot_disk(definition)
-        running = (await self.state_of(definition)).status == "running"
+        running = (await self.vms.state_of(definition)).status == "running"
         return definition, running
 
     async def snapshot_list(self, name: str) -> list[dict[str, Any]]:
@@ -59,7 +64,7 @@ class SnapshotOps(VMOps):
         return await self._list(definition, running)
 
     async def _list(self, definition: VMDefinition, running: bool) -> list[dict[str, Any]]:
-        snapshots, _ = await disk_snapshots(self, definition, running)
+        snapshots, _ = await self.disk_snapshots(definition, running)
         return snapshots
 
     async def snapshot_create(
@@ -70,10 +75,10 @@ class SnapshotOps(VMOps):
         :raise InvalidInput: a bad or taken snapshot name, or memory for a stopped VM.
         """
         tag = validate_snapshot_name(snapshot) if snapshot is not None else _default_name()
-        async with self._lock(validate_name(name)) as lock:
-            definition = await self._load_locked(name, lock)
+        async with self.vms.lock(validate_name(name)) as lock:
+            definition = await self.vms.load_locked(name, lock)
             self._snapshot_disk(definition)
-            running = (await self.state_of(definition)).status == "running"
+            running = (await self.vms.state_of(definition)).status == "running"
             with_memory = running if memory is None else memory
             if with_memory and not running:
                 raise InvalidInput("memory", f"VM {name} is stopped: it has no memory to save; omit memory")
@@ -91,7 +96,7 @@ class SnapshotOps(VMOps):
                 await self._job(definition.name, "snapshot-save", arguments, progress)
                 how = "QMP snapshot-save (RAM and device state included)"
             else:
-                async with self.qmp(definition.name) as qmp:
+                async with self.vms.qmp(definition.name) as qmp:
                     await qmp.execute("blockdev-snapshot-internal-sync", {"device": DISK_NODE, "name": tag})
                 how = "QMP blockdev-snapshot-internal-sync (disk only)"
             saved = next((s for s in await self._list(definition, running) if s["name"] == tag), None)
@@ -110,10 +115,10 @@ class SnapshotOps(VMOps):
         :raise VMStateError: a running VM and a disk-only snapshot (stop it first).
         """
         tag = validate_snapshot_name(snapshot)
-        async with self._lock(validate_name(name)) as lock:
-            definition = await self._load_locked(name, lock)
+        async with self.vms.lock(validate_name(name)) as lock:
+            definition = await self.vms.load_locked(name, lock)
             self._snapshot_disk(definition)
-            running = (await self.state_of(definition)).status == "running"
+            running = (await self.vms.state_of(definition)).status == "running"
             found = self._find(await self._list(definition, running), tag, name)
             loop = asyncio.get_running_loop()
             began = loop.time()
@@ -133,10 +138,10 @@ class SnapshotOps(VMOps):
                 "snapshot": tag, "reverted_by": how, "seconds": round(loop.time() - began, 3), "running": running,
             }  # fmt: skip
             # A snapshot taken before modify grew the disk brings back the size the disk had then.
-            _, size = await disk_snapshots(self, definition, running)
+            _, size = await self.disk_snapshots(definition, running)
             if size is not None and size != definition.disk.size_bytes:
                 disk = DiskDefinition(**{**definition.disk.__dict__, "size_bytes": size})
-                await self.store.save(definition.evolve(disk=disk))
+                await self.vms.store.save(definition.evolve(disk=disk))
                 done["note"] = (
                     f"the disk has the size it had at the snapshot: {format_size(size)} "
                     f"(it was {format_size(definition.disk.size_bytes)})"
@@ -145,10 +150,10 @@ class SnapshotOps(VMOps):
 
     async def snapshot_delete(self, name: str, snapshot: str, progress: Progress | None = None) -> dict[str, Any]:
         tag = validate_snapshot_name(snapshot)
-        async with self._lock(validate_name(name)) as lock:
-            definition = await self._load_locked(name, lock)
+        async with self.vms.lock(validate_name(name)) as lock:
+            definition = await self.vms.load_locked(name, lock)
             self._snapshot_disk(definition)
-            running = (await self.state_of(definition)).status == "running"
+            running = (await self.vms.state_of(definition)).status == "running"
             self._find(await self._list(definition, running), tag, name)
             if running:
                 await self._job(definition.name, "snapshot-delete", {"tag": tag, "devices": [DISK_NODE]}, progress)
@@ -177,10 +182,10 @@ class SnapshotOps(VMOps):
         :raise QemuError: the job failed (QEMU's words) or did not end in time (it was cancelled).
         """
         job_id = f"qmh-{command}-{secrets.token_hex(4)}"
-        limit = self.settings.snapshot_timeout
+        limit = self.vms.settings.snapshot_timeout
         loop = asyncio.get_running_loop()
         began = loop.time()
-        async with self.qmp(name) as qmp:
+        async with self.vms.qmp(name) as qmp:
             await qmp.execute(command, {"job-id": job_id, **arguments})
             try:
                 if progress is not None:
@@ -205,35 +210,32 @@ class SnapshotOps(VMOps):
             finally:
                 await _quietly(qmp, "job-dismiss", {"id": job_id})
 
-
-async def disk_snapshots(
-    ops: VMOps, definition: VMDefinition, running: bool
-) -> tuple[list[dict[str, Any]], int | None]:
-    """The snapshots of a VM's qcow2 disk and its virtual size: QMP ``query-block`` while it runs (QEMU holds
-    the image), ``qemu-img info`` of the one file when stopped (its format named, nothing probed)."""
-    if running:
-        async with ops.qmp(definition.name) as qmp:
-            blocks = await qmp.execute("query-block")
-        image: Any = next(
-            (
-                b.get("inserted", {}).get("image", {})
-                for b in blocks
-                if isinstance(b, dict) and b.get("inserted", {}).get("node-name") == DISK_NODE
-            ),
-            {},
-        )
-    else:
-        result = await ops.disks.qemu_img("info", "--output=json", "-f", "qcow2", definition.disk.path)
-        try:
-            image = json.loads(result.stdout)
-        except ValueError as exc:
-            raise QemuError(f"qemu-img info {definition.disk.path}: unreadable output") from exc
-    if not isinstance(image, dict):
-        return [], None
-    raw = image.get("snapshots", [])
-    size = image.get("virtual-size")
-    snapshots = [_snapshot_facts(s) for s in raw if isinstance(s, dict)] if isinstance(raw, list) else []
-    return snapshots, size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    async def disk_snapshots(self, definition: VMDefinition, running: bool) -> tuple[list[dict[str, Any]], int | None]:
+        """The snapshots of a VM's qcow2 disk and its virtual size: QMP ``query-block`` while it runs (QEMU holds
+        the image), ``qemu-img info`` of the one file when stopped (its format named, nothing probed)."""
+        if running:
+            async with self.vms.qmp(definition.name) as qmp:
+                blocks = await qmp.execute("query-block")
+            image: Any = next(
+                (
+                    b.get("inserted", {}).get("image", {})
+                    for b in blocks
+                    if isinstance(b, dict) and b.get("inserted", {}).get("node-name") == DISK_NODE
+                ),
+                {},
+            )
+        else:
+            result = await self.disks.qemu_img("info", "--output=json", "-f", "qcow2", definition.disk.path)
+            try:
+                image = json.loads(result.stdout)
+            except ValueError as exc:
+                raise QemuError(f"qemu-img info {definition.disk.path}: unreadable output") from exc
+        if not isinstance(image, dict):
+            return [], None
+        raw = image.get("snapshots", [])
+        size = image.get("virtual-size")
+        snapshots = [_snapshot_facts(s) for s in raw if isinstance(s, dict)] if isinstance(raw, list) else []
+        return snapshots, size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 async def _job_state(qmp: QMPSession, job_id: str) -> dict[str, Any] | None:

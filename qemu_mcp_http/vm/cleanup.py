@@ -14,7 +14,7 @@ from ..errors import (
     InvalidInput,
 )
 from .paths import MANAGED_NAMES, VMPaths
-from .vmdir import VMOps
+from .vmdir import VMDir
 
 __all__ = ["CleanupOps", "temp_name_pattern"]
 
@@ -23,34 +23,39 @@ log = logging.getLogger(__name__)
 _MANAGED_TEMP = re.compile(r"\.(vm\.json|runtime\.json|\.create\.json)\.[A-Za-z0-9]+\.tmp|\.screen-[0-9a-f]+\.png")
 
 
-class CleanupOps(VMOps):
+class CleanupOps:
     """What create's undo and delete share."""
 
-    async def _is_our_file(self, path: str, identity: str | None, own_dir: str, *, default: str = "") -> bool:
+    def __init__(self, vms: VMDir) -> None:
+        self.vms = vms
+
+    async def is_our_file(self, path: str, identity: str | None, own_dir: str, *, default: str = "") -> bool:
         """Whether ``path`` is still the file create made there: inside the fence, and the same file.
 
         Definitions written before identities were recorded name none; of those, only the default disk
         inside the VM's own directory (a name nothing else could claim) counts as made by create.
         """
         try:
-            await self.fence.check("disk", path, own_dir=own_dir)
+            await self.vms.fence.check("disk", path, own_dir=own_dir)
         except InvalidInput:
             return False
         if identity is None:
-            st = await self.host.stat(path, timeout=self.settings.command_timeout)
+            st = await self.vms.host.stat(path, timeout=self.vms.settings.command_timeout)
             return path == default and st is not None and st.is_file
-        found = (await self.host.file_ids([path], timeout=self.settings.command_timeout))[path]
+        found = (await self.vms.host.file_ids([path], timeout=self.vms.settings.command_timeout))[path]
         return found == identity
 
-    async def _read_journal(self, paths: VMPaths) -> dict[str, Any]:
-        raw = (await self.host.read_files([paths.journal], timeout=self.settings.command_timeout))[paths.journal]
+    async def read_journal(self, paths: VMPaths) -> dict[str, Any]:
+        raw = (await self.vms.host.read_files([paths.journal], timeout=self.vms.settings.command_timeout))[
+            paths.journal
+        ]
         try:
             journal = json.loads(raw) if raw else {}
         except (ValueError, RecursionError):
             return {}
         return journal if isinstance(journal, dict) else {}
 
-    async def _remove_disk_of_journal(
+    async def remove_disk_of_journal(
         self, paths: VMPaths, journal: dict[str, Any], kept: list[str], notes: list[str]
     ) -> list[str]:
         """Remove the disk (and its temporary file) an interrupted create made, as its journal records them."""
@@ -58,45 +63,45 @@ class CleanupOps(VMOps):
         tmp, disk, identity = journal.get("tmp"), journal.get("disk"), journal.get("identity")
         # A temporary name is random and create's own: whatever is there was made by that create.
         ours = isinstance(tmp, str) and isinstance(disk, str) and tmp == temp_name_pattern(disk, tmp)
-        if ours and await self.host.stat(str(tmp), timeout=self.settings.command_timeout) is not None:
-            await self._run("rm", "-f", "--", str(tmp))
+        if ours and await self.vms.host.stat(str(tmp), timeout=self.vms.settings.command_timeout) is not None:
+            await self.vms.run("rm", "-f", "--", str(tmp))
             removed.append(str(tmp))
-        if isinstance(disk, str) and await self.host.stat(disk, timeout=self.settings.command_timeout):
-            if isinstance(identity, str) and await self._is_our_file(disk, identity, paths.directory):
-                await self._run("rm", "-f", "--", disk)
+        if isinstance(disk, str) and await self.vms.host.stat(disk, timeout=self.vms.settings.command_timeout):
+            if isinstance(identity, str) and await self.is_our_file(disk, identity, paths.directory):
+                await self.vms.run("rm", "-f", "--", disk)
                 removed.append(disk)
             else:
                 kept.append(disk)
                 notes.append(f"{disk} was not recorded as made by that create, so it was kept")
         return removed
 
-    async def _remove_made(self, paths: VMPaths, journal: dict[str, Any]) -> None:
+    async def remove_made(self, paths: VMPaths, journal: dict[str, Any]) -> None:
         """Undo a create that failed in this process: its disk (as the journal records it), then its directory."""
         removed: list[str] = []
-        await self._remove_disk_of_journal(paths, journal, [], [])
-        await self._remove_vm_directory(paths, removed)
+        await self.remove_disk_of_journal(paths, journal, [], [])
+        await self.remove_vm_directory(paths, removed)
 
-    async def _remove_vm_directory(self, paths: VMPaths, removed: list[str]) -> list[str]:
+    async def remove_vm_directory(self, paths: VMPaths, removed: list[str]) -> list[str]:
         """Remove the managed files of ``paths.directory`` and the directory if nothing else is left.
 
         Returns what was kept (files the server did not make). Never follows a link: the directory was
         checked not to be one, and ``rm -f`` of a link inside removes the link.
         """
-        timeout = self.settings.command_timeout
-        names = await self.host.list_dir(paths.directory, timeout=timeout)
+        timeout = self.vms.settings.command_timeout
+        names = await self.vms.host.list_dir(paths.directory, timeout=timeout)
         ours = [n for n in names if n in MANAGED_NAMES or _MANAGED_TEMP.fullmatch(n)]
         if ours:
             targets = [f"{paths.directory}/{n}" for n in ours]
-            stats = await asyncio.gather(*(self.host.stat(t, timeout=timeout) for t in targets))
+            stats = await asyncio.gather(*(self.vms.host.stat(t, timeout=timeout) for t in targets))
             files = [t for t, st in zip(targets, stats, strict=True) if st is not None and not st.is_dir]
             if files:
-                await self._run("rm", "-f", "--", *files)
-        await self.shared.qmp.forget(self.host, paths.qmp_socket)
-        left = await self._run("rmdir", "--", paths.directory, check=False)
+                await self.vms.run("rm", "-f", "--", *files)
+        await self.vms.shared.qmp.forget(self.vms.host, paths.qmp_socket)
+        left = await self.vms.run("rmdir", "--", paths.directory, check=False)
         if left.succeeded:
             removed.append(paths.directory)
             return []
-        remaining = await self.host.list_dir(paths.directory, timeout=timeout)
+        remaining = await self.vms.host.list_dir(paths.directory, timeout=timeout)
         return [f"{paths.directory}/{n}" for n in remaining]
 
 

@@ -19,7 +19,7 @@ from ..errors import (
 )
 from ..guest.cloudinit import CloudInitConfig, build_seed_iso, hostname_for, parse_cloud_init
 from ..net.ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
-from ..storage.disks import ImageLayer, temp_name
+from ..storage.disks import DiskImages, ImageLayer, temp_name
 from .cleanup import CleanupOps
 from .paths import UNIX_PATH_MAX, VMPaths
 from .spec import (
@@ -36,7 +36,7 @@ from .spec import (
     validate_vcpus,
 )
 from .store import VMStore
-from .vmdir import now
+from .vmdir import VMDir, now
 
 __all__ = ["CreateOps", "GuestAccess"]
 
@@ -107,8 +107,13 @@ class GuestAccess:
         return GuestWanted(ports, network, cloud_init, clone)
 
 
-class CreateOps(CleanupOps):
+class CreateOps:
     """create."""
+
+    def __init__(self, vms: VMDir, disks: DiskImages, cleanup: CleanupOps) -> None:
+        self.vms = vms
+        self.disks = disks
+        self.cleanup = cleanup
 
     async def create(
         self,
@@ -125,18 +130,18 @@ class CreateOps(CleanupOps):
         On any failure nothing is left behind: what the call made is removed, and only that.
         A create cut short by a crash leaves a journal that lets delete remove what it made.
         """
-        s = self.settings
+        s = self.vms.settings
         name = validate_name(name)
         arch_ = parse_arch(arch)
         memory_mib = parse_memory_mib(memory if memory is not None else "2G", s.max_memory_mib)
         vcpus_ = validate_vcpus(vcpus if vcpus is not None else 2, s.max_vcpus)
         disk_spec = parse_disk(disk, s.max_disk_gib * GIB)
         iso_path = validate_path(iso, "iso") if iso else None
-        paths = self.store.paths(name)
+        paths = self.vms.store.paths(name)
         if len(paths.console_socket.encode()) > UNIX_PATH_MAX:  # the longest socket path of a VM
             raise InvalidInput(
                 "vm_dir",
-                f"{self.vm_dir!r} is too deep: the QMP socket path would exceed {UNIX_PATH_MAX} bytes",
+                f"{self.vms.vm_dir!r} is too deep: the QMP socket path would exceed {UNIX_PATH_MAX} bytes",
             )
         disk_path = disk_spec.path or paths.default_disk()
         disk_format = disk_format_for(disk_path, disk_spec.format)
@@ -146,11 +151,11 @@ class CreateOps(CleanupOps):
             if disk_spec.format == "raw":
                 raise InvalidInput("disk", "a linked clone is a qcow2 overlay; drop format=raw or use clone='full'")
             disk_format = "qcow2"
-        await self.fence.check("vm_dir", self.vm_dir)
+        await self.vms.fence.check("vm_dir", self.vms.vm_dir)
         if disk_spec.path is not None:
-            await self.fence.check("disk", disk_path, own_dir=paths.directory)
+            await self.vms.fence.check("disk", disk_path, own_dir=paths.directory)
         if iso_path is not None:
-            await self._check_iso(iso_path)
+            await self.vms.check_iso(iso_path)
         base = await self._image_source(access.image, paths) if access.image is not None else None
         if base is not None and disk_spec.size_bytes is not None and disk_spec.size_bytes < base.layer.virtual_size:
             raise InvalidInput(
@@ -163,22 +168,24 @@ class CreateOps(CleanupOps):
         instance_id = f"iid-{vm_uuid}"
         seed = wanted.seed(instance_id, name)
 
-        async with self._lock(name) as lock:
-            await self._run("mkdir", "-p", "--", self.vm_dir)
-            claimed = await self._run("mkdir", "--", paths.directory, check=False)
+        async with self.vms.lock(name) as lock:
+            await self.vms.run("mkdir", "-p", "--", self.vms.vm_dir)
+            claimed = await self.vms.run("mkdir", "--", paths.directory, check=False)
             if not claimed.succeeded:
-                if await self.host.stat(paths.definition, timeout=s.command_timeout) is not None:
-                    raise VMExists(f"VM {name} already exists on {self.host.name}; delete it first or use another name")
+                if await self.vms.host.stat(paths.definition, timeout=s.command_timeout) is not None:
+                    raise VMExists(
+                        f"VM {name} already exists on {self.vms.host.name}; delete it first or use another name"
+                    )
                 raise VMExists(
-                    f"{paths.directory} already exists on {self.host.name} but holds no VM definition "
+                    f"{paths.directory} already exists on {self.vms.host.name} but holds no VM definition "
                     "(a create cut short? delete removes what it made); remove it or use another name"
                 )
             journal: dict[str, Any] = {"started_at": now()}
             try:
                 await self._write_journal(paths, journal)
                 if seed is not None:
-                    await self.host.write_file(paths.seed, seed, timeout=s.command_timeout)
-                existing = await self.host.stat(disk_path, timeout=s.command_timeout)
+                    await self.vms.host.write_file(paths.seed, seed, timeout=s.command_timeout)
+                existing = await self.vms.host.stat(disk_path, timeout=s.command_timeout)
                 if existing is not None and base is not None:
                     raise InvalidInput("disk", f"{disk_path} exists; a disk made from an image needs a new path")
                 if existing is not None:
@@ -187,8 +194,8 @@ class CreateOps(CleanupOps):
                     )
                 else:
                     parent = posixpath.dirname(disk_path) or "/"
-                    if await self.host.stat(parent, timeout=s.command_timeout) is None:
-                        raise InvalidInput("disk", f"directory {parent} does not exist on {self.host.name}")
+                    if await self.vms.host.stat(parent, timeout=s.command_timeout) is None:
+                        raise InvalidInput("disk", f"directory {parent} does not exist on {self.vms.host.name}")
                     size = disk_spec.size_bytes or (base.layer.virtual_size if base else DEFAULT_DISK_BYTES)
                     journal.update(disk=disk_path, tmp=temp_name(disk_path))
                     await self._write_journal(paths, journal)
@@ -223,19 +230,21 @@ class CreateOps(CleanupOps):
                     cloud_init=wanted.stored_cloud_init(instance_id),
                     image=base.record(wanted.clone) if base is not None else None,
                 )
-                await self.store.save(definition)
-                await self._run("rm", "-f", "--", paths.journal)
+                await self.vms.store.save(definition)
+                await self.vms.run("rm", "-f", "--", paths.journal)
             except BaseException:
                 lock.discard()
                 await asyncio.shield(self._undo_create(paths, journal))
                 raise
-        details = {"vm_dir": self.vm_dir, "directory": paths.directory, **definition.summary()}
-        if self.index is not None and self.vm_dir != self.index.default:
+        details = {"vm_dir": self.vms.vm_dir, "directory": paths.directory, **definition.summary()}
+        if self.vms.index is not None and self.vms.vm_dir != self.vms.index.default:
             try:
-                await self.index.add(name, self.vm_dir)
+                await self.vms.index.add(name, self.vms.vm_dir)
             except QemuMcpError as exc:  # the VM exists; only finding it without vm_dir is at stake
-                log.warning("VM %s: not added to the index of %s: %s", name, self.host.name, exc.message)
-                details["note"] = f"calls must give vm_dir={self.vm_dir} to find it (the host's index: {exc.message})"
+                log.warning("VM %s: not added to the index of %s: %s", name, self.vms.host.name, exc.message)
+                details["note"] = (
+                    f"calls must give vm_dir={self.vms.vm_dir} to find it (the host's index: {exc.message})"
+                )
         if not disk_def.created_by_tool:
             details["disk_attached"] = "existing disk attached; delete will keep it"
         return details
@@ -246,22 +255,22 @@ class CreateOps(CleanupOps):
 
         :raise VMExists: the name is taken (the message says where).
         """
-        index = self.index
+        index = self.vms.index
         if index is None:
             return
-        if self.vm_dir != index.default:
-            default_store = VMStore(self.host, index.default, self.settings.command_timeout)
+        if self.vms.vm_dir != index.default:
+            default_store = VMStore(self.vms.host, index.default, self.vms.settings.command_timeout)
             if (await default_store.entry(name)).kind != "missing":
                 raise VMExists(
-                    f"VM {name} already exists in {index.default} on {self.host.name} (VM names are unique per "
+                    f"VM {name} already exists in {index.default} on {self.vms.host.name} (VM names are unique per "
                     "host); use another name"
                 )
         elsewhere = (await index.entries()).get(name)
-        if elsewhere is not None and elsewhere != self.vm_dir:
-            other = VMStore(self.host, elsewhere, self.settings.command_timeout)
+        if elsewhere is not None and elsewhere != self.vms.vm_dir:
+            other = VMStore(self.vms.host, elsewhere, self.vms.settings.command_timeout)
             if (await other.entry(name)).kind != "missing":
                 raise VMExists(
-                    f"VM {name} already exists in {elsewhere} on {self.host.name} (VM names are unique per host); "
+                    f"VM {name} already exists in {elsewhere} on {self.vms.host.name} (VM names are unique per host); "
                     "use another name"
                 )
 
@@ -274,27 +283,27 @@ class CreateOps(CleanupOps):
         if image.startswith("vm:"):
             source_name = validate_name(image[3:])
             try:
-                source = await self.store.load(source_name)
+                source = await self.vms.store.load(source_name)
             except VMNotFound as exc:
                 raise InvalidInput("image", f"{image}: {exc.message}") from exc
-            if (await self.state_of(source)).status == "running":
+            if (await self.vms.state_of(source)).status == "running":
                 raise InvalidInput("image", f"VM {source_name} is running; stop it before cloning its disk")
             path, fmt, vm = source.disk.path, source.disk.format, source_name
         else:
             path, fmt, vm = validate_path(image, "image"), None, None
-        real = await self.fence.check("image", path, field="image")
-        st = await self.host.stat(real, timeout=self.settings.command_timeout)
+        real = await self.vms.fence.check("image", path, field="image")
+        st = await self.vms.host.stat(real, timeout=self.vms.settings.command_timeout)
         if st is None or not st.is_file:
-            raise InvalidInput("image", f"{image} does not exist on {self.host.name} or is not a regular file")
+            raise InvalidInput("image", f"{image} does not exist on {self.vms.host.name} or is not a regular file")
         layer = (await self.disks.inspect(path, fmt, own_dir=paths.directory, field="image"))[0]
         return ImageSource(layer, vm)
 
     async def _write_journal(self, paths: VMPaths, journal: dict[str, Any]) -> None:
         data = json.dumps(journal, sort_keys=True).encode() + b"\n"
-        await self.host.write_file(paths.journal, data, timeout=self.settings.command_timeout)
+        await self.vms.host.write_file(paths.journal, data, timeout=self.vms.settings.command_timeout)
 
     async def _undo_create(self, paths: VMPaths, journal: dict[str, Any]) -> None:
         try:
-            await self._remove_made(paths, journal)
+            await self.cleanup.remove_made(paths, journal)
         except QemuMcpError:
-            log.exception("could not undo the partial create of %s on %s", paths.name, self.host.name)
+            log.exception("could not undo the partial create of %s on %s", paths.name, self.vms.host.name)

@@ -13,7 +13,8 @@ from ..errors import (
 )
 from ..guest.cloudinit import parse_cloud_init
 from ..net.ports import check_ports_network, parse_ports
-from ..storage.snapshot import disk_snapshots
+from ..storage.disks import DiskImages
+from ..storage.snapshot import SnapshotOps
 from .create import GuestWanted
 from .power import PowerOps
 from .spec import (
@@ -26,12 +27,19 @@ from .spec import (
     validate_name,
     validate_vcpus,
 )
+from .vmdir import VMDir
 
 __all__ = ["ModifyOps"]
 
 
-class ModifyOps(PowerOps):
+class ModifyOps:
     """modify."""
+
+    def __init__(self, vms: VMDir, disks: DiskImages, power: PowerOps, snapshots: SnapshotOps) -> None:
+        self.vms = vms
+        self.disks = disks
+        self.power = power
+        self.snapshots = snapshots
 
     async def modify(
         self,
@@ -50,9 +58,9 @@ class ModifyOps(PowerOps):
         A change that cannot be applied is rolled back: the previous definition is restored and a VM that
         was running is started again as it was; the error says what happened.
         """
-        s = self.settings
+        s = self.vms.settings
         name = validate_name(name)
-        timeout = self.check_stop_timeout(timeout)
+        timeout = self.vms.check_stop_timeout(timeout)
         if memory is None and vcpus is None and not disk and ports is None and cloud_init is None:
             raise InvalidInput(
                 "modify", "nothing to change; give memory, vcpus, ports, cloud_init and/or disk='size=40G'"
@@ -62,8 +70,8 @@ class ModifyOps(PowerOps):
         disk_spec = parse_disk(disk, s.max_disk_gib * GIB) if disk else None
         new_ports = parse_ports(ports) if ports is not None else None
         new_cloud_init = parse_cloud_init(cloud_init) if cloud_init is not None else None
-        async with self._lock(name) as lock:
-            before = await self._load_locked(name, lock)
+        async with self.vms.lock(name) as lock:
+            before = await self.vms.load_locked(name, lock)
             after = before
             if new_memory is not None:
                 after = after.evolve(memory_mib=new_memory)
@@ -95,7 +103,7 @@ class ModifyOps(PowerOps):
             changed = [k for k, v in after.summary().items() if old.get(k) != v]
             if seed is not None and "cloud_init" not in changed:
                 changed.append("cloud_init")  # the same settings, a new seed: cloud-init runs again
-            state = await self.state_of(before)
+            state = await self.vms.state_of(before)
             needs_restart = state.status == "running" and (
                 after.memory_mib != before.memory_mib
                 or after.vcpus != before.vcpus
@@ -104,9 +112,9 @@ class ModifyOps(PowerOps):
             )
             details: dict[str, Any] = {"before": before.summary(), "after": after.summary(), "changed": changed}
             if grow_to is not None:
-                paths = self.store.paths(name)
-                await self.fence.check("disk", before.disk.path, own_dir=paths.directory)
-                snapshots, _ = await disk_snapshots(self, before, state.status == "running")
+                paths = self.vms.store.paths(name)
+                await self.vms.fence.check("disk", before.disk.path, own_dir=paths.directory)
+                snapshots, _ = await self.snapshots.disk_snapshots(before, state.status == "running")
                 if snapshots:
                     details["note"] = (
                         f"the disk holds {len(snapshots)} snapshot(s); qemu-img grows a qcow2 disk with snapshots, "
@@ -116,7 +124,7 @@ class ModifyOps(PowerOps):
                 await self._restart_with(before, after, grow_to, timeout, details, seed)
             else:
                 if seed is not None:
-                    await self.host.write_file(self.store.paths(name).seed, seed, timeout=s.command_timeout)
+                    await self.vms.host.write_file(self.vms.store.paths(name).seed, seed, timeout=s.command_timeout)
                 if grow_to is not None:
                     if state.status == "running":
                         await self._block_resize(before, grow_to)
@@ -124,7 +132,7 @@ class ModifyOps(PowerOps):
                     else:
                         await self.disks.resize(before.disk.path, before.disk.format, grow_to)
                         details["disk_resized_by"] = "qemu-img resize"
-                await self.store.save(after)
+                await self.vms.store.save(after)
                 details["restarted"] = False
         note = " and restarted" if needs_restart else ""
         return f"VM {name} modified{note}: {', '.join(changed)}", details
@@ -143,33 +151,33 @@ class ModifyOps(PowerOps):
 
         :raise QemuError: the change could not be applied; ``details`` says what was rolled back.
         """
-        method, _ = await self._stop_locked(before.name, timeout)
+        method, _ = await self.power.stop_locked(before.name, timeout)
         details["stopped_by"] = method
         restore = before
-        seed_path = self.store.paths(before.name).seed
+        seed_path = self.vms.store.paths(before.name).seed
         old_seed: bytes | None = None
         if seed is not None:
-            old_seed, _ = await self.host.read_range(
-                seed_path, offset=0, length=16 << 20, timeout=self.settings.command_timeout
+            old_seed, _ = await self.vms.host.read_range(
+                seed_path, offset=0, length=16 << 20, timeout=self.vms.settings.command_timeout
             )
         try:
             if seed is not None:
-                await self.host.write_file(seed_path, seed, timeout=self.settings.command_timeout)
+                await self.vms.host.write_file(seed_path, seed, timeout=self.vms.settings.command_timeout)
             if grow_to is not None:
                 await self.disks.resize(before.disk.path, before.disk.format, grow_to)
                 details["disk_resized_by"] = "qemu-img resize"
                 restore = before.evolve(disk=after.disk)  # a disk cannot shrink back: keep its new size
-            await self.store.save(after)
-            await self._start_locked(after)
+            await self.vms.store.save(after)
+            await self.power.start_locked(after)
             details["restarted"] = True
         except QemuMcpError as failure:
             details["restarted"] = False
             details["rolled_back"] = True
             try:
                 if old_seed:
-                    await self.host.write_file(seed_path, old_seed, timeout=self.settings.command_timeout)
-                await self.store.save(restore)
-                await self._start_locked(restore)
+                    await self.vms.host.write_file(seed_path, old_seed, timeout=self.vms.settings.command_timeout)
+                await self.vms.store.save(restore)
+                await self.power.start_locked(restore)
             except QemuMcpError as again:
                 details["restored_definition"] = restore.summary()
                 raise QemuError(
@@ -210,5 +218,5 @@ class ModifyOps(PowerOps):
         return size
 
     async def _block_resize(self, definition: VMDefinition, size: int) -> None:
-        async with self.qmp(definition.name) as qmp:
+        async with self.vms.qmp(definition.name) as qmp:
             await qmp.execute("block_resize", {"node-name": "disk0-fmt", "size": size})

@@ -16,6 +16,7 @@ from ..errors import (
 )
 from ..guest.readiness import Progress, check_wait, guest_facts, wait_ready
 from ..net.hostports import assign_ports, forward_failure, used_ports
+from ..storage.disks import DiskImages
 from .argv import qemu_argv
 from .commands import qemu_installed
 from .paths import VMPaths
@@ -23,7 +24,7 @@ from .spec import (
     VMDefinition,
     validate_name,
 )
-from .vmdir import StopMethod, VMOps, now
+from .vmdir import StopMethod, VMDir, now
 
 __all__ = ["PowerOps"]
 
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 _HOW = {"acpi": "ACPI shutdown", "guest-agent": "guest agent shutdown", "quit": "QMP quit", "sigkill": "SIGKILL"}
 
 
-class PowerOps(VMOps):
-    """start, stop."""
+class PowerOps:
+    """start, stop; delete and modify stop and start through these too."""
 
     #: How long stop waits for QEMU to obey QMP ``quit`` before SIGKILL.
     quit_wait: float = 5.0
@@ -42,6 +43,10 @@ class PowerOps(VMOps):
     acpi_resend: float = 5.0
     #: Try the guest agent's ``guest-shutdown`` once the first press had this long to work.
     agent_grace: float = 3.0
+
+    def __init__(self, vms: VMDir, disks: DiskImages) -> None:
+        self.vms = vms
+        self.disks = disks
 
     async def start(
         self, name: str, wait: str = "running", wait_timeout: float = 300.0, progress: Progress | None = None
@@ -52,36 +57,36 @@ class PowerOps(VMOps):
         :raise GuestNotReady: the guest did not become ready within ``wait_timeout`` (it is left running).
         """
         name = validate_name(name)
-        mode = check_wait(wait, wait_timeout, self.settings.max_wait_timeout)
-        async with self._lock(name) as lock:
-            definition = await self._load_locked(name, lock)
-            check_wait(mode, wait_timeout, self.settings.max_wait_timeout, definition)
-            message, details = await self._start_locked(definition)
-            definition = await self.store.load(name)  # with the host ports this start chose
+        mode = check_wait(wait, wait_timeout, self.vms.settings.max_wait_timeout)
+        async with self.vms.lock(name) as lock:
+            definition = await self.vms.load_locked(name, lock)
+            check_wait(mode, wait_timeout, self.vms.settings.max_wait_timeout, definition)
+            message, details = await self.start_locked(definition)
+            definition = await self.vms.store.load(name)  # with the host ports this start chose
         if mode != "running":
-            ready = await wait_ready(self, definition, mode, wait_timeout, progress)
+            ready = await wait_ready(self.vms, definition, mode, wait_timeout, progress)
             details.update(ready)
             message += (
                 f"; {'its guest agent answers' if mode == 'agent' else 'SSH answers'} ({ready['waited_seconds']} s)"
             )
         if mode == "ssh" or mode == "agent":
-            facts = await guest_facts(self, definition, 2.0)
+            facts = await guest_facts(self.vms, definition, 2.0)
             if facts is not None:
                 details["guest"] = facts
-        ssh = self.ssh_hint(definition)
+        ssh = self.vms.ssh_hint(definition)
         if ssh is not None:
             details["ssh"] = ssh
         if definition.ports:
             details["ports"] = definition.summary()["ports"]
         return message, details
 
-    async def _start_locked(self, definition: VMDefinition) -> tuple[str, dict[str, Any]]:
+    async def start_locked(self, definition: VMDefinition) -> tuple[str, dict[str, Any]]:
         name = definition.name
-        paths = self.store.paths(name)
-        state = await self.state_of(definition)
+        paths = self.vms.store.paths(name)
+        state = await self.vms.state_of(definition)
         if state.status == "running":
             return f"VM {name} is already running", state.summary()
-        clones = await self.linked_clones_of(definition)
+        clones = await self.vms.linked_clones_of(definition)
         if clones:
             raise VMStateError(
                 f"the disk of VM {name} is the base of linked clones ({', '.join(clones)}): a running VM writes its "
@@ -89,28 +94,29 @@ class PowerOps(VMOps):
             )
         await self._verify_media(definition)
         definition = await self._assign_ports(definition)
-        await self._clean_runtime_files(paths)
+        await self.vms.clean_runtime_files(paths)
         accel = await self._choose_accel(definition)
-        argv = qemu_argv(definition, paths, accel, forward_address=self.settings.forward_address)
+        argv = qemu_argv(definition, paths, accel, forward_address=self.vms.settings.forward_address)
         loop = asyncio.get_running_loop()
         began = loop.time()
         with qemu_installed():
-            result = await self.host.run(argv, timeout=self.settings.start_timeout, check=False)
+            result = await self.vms.host.run(argv, timeout=self.vms.settings.start_timeout, check=False)
         if not result.succeeded:
             stderr = result.stderr.strip()
-            forward = forward_failure(stderr, self.host.name)
+            forward = forward_failure(stderr, self.vms.host.name)
             if forward is not None:
                 raise VMStateError(f"VM {name} did not start: {forward}")
             if "bridge" in stderr and definition.network_spec.mode == "bridge":
                 raise QemuError(
-                    f"VM {name} could not join bridge {definition.network_spec.bridge} on {self.host.name}: {stderr}; "
+                    f"VM {name} could not join bridge {definition.network_spec.bridge} on {self.vms.host.name}: "
+                    f"{stderr}; "
                     "the bridge must exist and be allowed in /etc/qemu/bridge.conf ('allow <name>'), and "
                     "qemu-bridge-helper must be setuid root"
                 )
             raise QemuError(f"QEMU failed to start VM {name}: {stderr or f'exit status {result.returncode}'}")
-        run_state = await self._wait_running(definition, paths, began + self.settings.start_timeout)
-        facts = (await self.store.process_facts([name]))[name]
-        await self.store.save_runtime(name, {"accel": accel, "pid": facts.pid, "started_at": now(), "argv": argv})
+        run_state = await self._wait_running(definition, paths, began + self.vms.settings.start_timeout)
+        facts = (await self.vms.store.process_facts([name]))[name]
+        await self.vms.store.save_runtime(name, {"accel": accel, "pid": facts.pid, "started_at": now(), "argv": argv})
         details = {
             "status": "running",
             "run_state": run_state,
@@ -120,7 +126,19 @@ class PowerOps(VMOps):
             "console_log": paths.console_log,
             "start_seconds": round(loop.time() - began, 3),
         }
-        return f"VM {name} started on {self.host.name} ({accel})", details
+        return f"VM {name} started on {self.vms.host.name} ({accel})", details
+
+    async def _verify_media(self, definition: VMDefinition) -> None:
+        """Check the disk and ISO a definition names, as on create: the files may have changed since.
+
+        :raise InvalidInput: a path breaks the fence, or the disk's chain is not safe to open.
+        """
+        paths = self.vms.store.paths(definition.name)
+        disk = definition.disk
+        await self.vms.fence.check("disk", disk.path, own_dir=paths.directory)
+        await self.disks.inspect(disk.path, disk.format, own_dir=paths.directory)
+        if definition.iso is not None:
+            await self.vms.check_iso(definition.iso)
 
     async def _assign_ports(self, definition: VMDefinition) -> VMDefinition:
         """The definition with a host port for every forward (saved when it changed).
@@ -129,21 +147,21 @@ class PowerOps(VMOps):
         """
         if not definition.forwards:
             return definition
-        used = await used_ports(self.host, self.settings.command_timeout)
-        assigned = assign_ports(definition, used, self.host.name)
+        used = await used_ports(self.vms.host, self.vms.settings.command_timeout)
+        assigned = assign_ports(definition, used, self.vms.host.name)
         if assigned != definition.port_assignments:
             definition = definition.evolve(port_assignments=assigned)
-            await self.store.save(definition)
+            await self.vms.store.save(definition)
         return definition
 
     async def _choose_accel(self, definition: VMDefinition) -> str:
-        if self.settings.accel != "auto":
-            return self.settings.accel
-        choice = await self.shared.accel_probe.choose(
-            self.host,
+        if self.vms.settings.accel != "auto":
+            return self.vms.settings.accel
+        choice = await self.vms.shared.accel_probe.choose(
+            self.vms.host,
             definition.arch,
-            self.settings,
-            self.store.paths(definition.name).directory,
+            self.vms.settings,
+            self.vms.store.paths(definition.name).directory,
         )
         return choice.accel
 
@@ -152,7 +170,7 @@ class PowerOps(VMOps):
         last: QemuMcpError | None = None
         while loop.time() < deadline:
             try:
-                async with self.qmp(definition.name) as q:
+                async with self.vms.qmp(definition.name) as q:
                     status = await q.execute("query-status")
                     if status.get("status") == "running":
                         return "running"
@@ -161,31 +179,29 @@ class PowerOps(VMOps):
                 last = exc
             await asyncio.sleep(0.05)
         raise QemuError(
-            f"VM {definition.name} did not reach 'running' within {self.settings.start_timeout:g} s: {last}"
+            f"VM {definition.name} did not reach 'running' within {self.vms.settings.start_timeout:g} s: {last}"
         )
 
     async def stop(self, name: str, timeout: float) -> tuple[str, dict[str, Any]]:
         """ACPI power-down, then QMP ``quit`` after ``timeout``, then SIGKILL as the last resort."""
         name = validate_name(name)
-        timeout = self.check_stop_timeout(timeout)
-        async with self._lock(name) as lock:
-            definition = await self._load_locked(name, lock)
-            method, seconds = await self._stop_locked(definition.name, timeout)
+        timeout = self.vms.check_stop_timeout(timeout)
+        async with self.vms.lock(name) as lock:
+            definition = await self.vms.load_locked(name, lock)
+            method, seconds = await self.stop_locked(definition.name, timeout)
         if method == "already-stopped":
             return f"VM {name} is already stopped", {"status": "stopped", "stopped_by": method}
-        how = {
-            "acpi": "ACPI shutdown",
-            "guest-agent": "guest agent shutdown",
-            "quit": "QMP quit",
-            "sigkill": "SIGKILL",
-        }[method]
-        return f"VM {name} stopped ({how})", {"status": "stopped", "stopped_by": method, "stop_seconds": seconds}
+        return f"VM {name} stopped ({_HOW[method]})", {
+            "status": "stopped",
+            "stopped_by": method,
+            "stop_seconds": seconds,
+        }
 
-    async def _stop_locked(self, name: str, timeout: float) -> tuple[StopMethod, float]:
-        paths = self.store.paths(name)
-        facts = (await self.store.process_facts([name]))[name]
+    async def stop_locked(self, name: str, timeout: float) -> tuple[StopMethod, float]:
+        paths = self.vms.store.paths(name)
+        facts = (await self.vms.store.process_facts([name]))[name]
         if not facts.alive or facts.pid is None:
-            await self._clean_runtime_files(paths)
+            await self.vms.clean_runtime_files(paths)
             return "already-stopped", 0.0
         pid = facts.pid
         loop = asyncio.get_running_loop()
@@ -193,14 +209,14 @@ class PowerOps(VMOps):
         method: StopMethod | None = await self._graceful_stop(name, paths, pid, timeout)
         if method is None:
             await self._qmp_command(name, "quit")
-            if await self._wait_gone(paths, pid, self.quit_wait):
+            if await self.vms.wait_gone(paths, pid, self.quit_wait):
                 method = "quit"
         if method is None:
-            await self._run("kill", "-KILL", str(pid), check=False)
-            if not await self._wait_gone(paths, pid, 5.0):
+            await self.vms.run("kill", "-KILL", str(pid), check=False)
+            if not await self.vms.wait_gone(paths, pid, 5.0):
                 raise VMStateError(f"VM {name} (pid {pid}) survived SIGKILL")
             method = "sigkill"
-        await self._clean_runtime_files(paths)
+        await self.vms.clean_runtime_files(paths)
         return method, round(loop.time() - began, 3)
 
     async def _graceful_stop(self, name: str, paths: VMPaths, pid: int, timeout: float) -> StopMethod | None:
@@ -219,14 +235,14 @@ class PowerOps(VMOps):
             if not agent_took and now >= next_agent:
                 agent_took = await self._agent_shutdown(paths)
                 next_agent = loop.time() + 2 * self.acpi_resend
-            if await self._wait_gone(paths, pid, max(0.0, min(deadline - loop.time(), 0.5))):
+            if await self.vms.wait_gone(paths, pid, max(0.0, min(deadline - loop.time(), 0.5))):
                 return "guest-agent" if agent_took else "acpi"
             if loop.time() >= deadline:
                 return None
 
     async def _qmp_command(self, name: str, command: str) -> None:
         try:
-            async with self.qmp(name) as q:
+            async with self.vms.qmp(name) as q:
                 await q.execute(command)
         except (QMPUnavailable, OperationTimeout, QMPFailure) as exc:
             log.info("QMP %s of %s failed: %s", command, name, exc)
@@ -234,7 +250,7 @@ class PowerOps(VMOps):
     async def _agent_shutdown(self, paths: VMPaths) -> bool:
         """Whether the guest agent answered and was asked to power the guest off."""
         try:
-            async with self.shared.agents.session(self.host, paths.qga_socket, 1.0) as agent:
+            async with self.vms.shared.agents.session(self.vms.host, paths.qga_socket, 1.0) as agent:
                 await agent.execute("guest-ping")
                 await agent.send_only("guest-shutdown", {"mode": "powerdown"})
         except QemuMcpError:

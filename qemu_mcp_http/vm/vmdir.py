@@ -1,7 +1,9 @@
-"""The base of VM operations: one ``vm_dir`` of one host, its locks, its QMP sessions, its state.
+"""The VMs of one ``vm_dir`` of one host, and what every operation on them needs: their files, their locks,
+their QMP sessions, their state, how they are listed.
 
-The operations themselves live by concern in :mod:`.create`, :mod:`.power`, :mod:`.delete` and
-:mod:`.modify`; :class:`.lifecycle.VMManager` puts them together.
+The operations themselves are objects by concern, each given a :class:`VMDir` (and the other operations it
+uses): :mod:`.create`, :mod:`.power`, :mod:`.delete`, :mod:`.modify` here, and the capabilities' (guest,
+console, storage); :class:`.manager.VMManager` puts them together.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..config import Settings
+from ..console.text import decode_console, strip_terminal_escapes, tail_lines
 from ..errors import (
     InvalidInput,
     OperationTimeout,
+    QemuMcpError,
     QMPFailure,
     QMPUnavailable,
     VMNotFound,
+    VMStateError,
 )
 from ..hosts.base import FileLock, Host
-from ..storage.disks import DiskImages
 from .fence import Fence
 from .index import VMIndex
 from .paths import VMPaths
@@ -32,15 +36,18 @@ from .qmp import QMPSession
 from .shared import SharedState
 from .spec import (
     VMDefinition,
+    validate_name,
     validate_path,
 )
 from .store import ProcessFacts, VMStore, process_matches
 
-__all__ = ["StopMethod", "VMOps", "VMState", "now"]
+__all__ = ["CONSOLE_TAIL_LINES", "StopMethod", "VMDir", "VMState", "now"]
 
 log = logging.getLogger(__name__)
 
 StopMethod = Literal["acpi", "guest-agent", "quit", "sigkill", "already-stopped"]
+#: Lines of the serial console a failed wait shows.
+CONSOLE_TAIL_LINES = 30
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,8 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class VMOps:
-    """What every operation on the VMs of one ``vm_dir`` of one host needs."""
+class VMDir:
+    """The VMs of one ``vm_dir`` of one host: what every operation on them needs."""
 
     def __init__(
         self,
@@ -83,10 +90,13 @@ class VMOps:
         self.shared = shared
         self.fence = fence
         self.store = VMStore(host, self.vm_dir, settings.command_timeout)
-        self.disks = DiskImages(host, fence, settings.command_timeout)
 
     @asynccontextmanager
-    async def _lock(self, name: str) -> AsyncIterator[FileLock]:
+    async def lock(self, name: str) -> AsyncIterator[FileLock]:
+        """VM ``name`` held by this call, against the server's other calls and other server processes.
+
+        :raise OperationTimeout: another operation held it for longer than ``--lock-timeout``.
+        """
         # In-process first (cheap, fair), then the lock file that another server process sharing
         # this vm_dir also takes. The lock files live apart from the VM directory, which delete removes;
         # an operation that finds no VM discards its lock file, so unknown names leave nothing behind.
@@ -96,14 +106,29 @@ class VMOps:
         ):
             yield lock
 
-    async def _load_locked(self, name: str, lock: FileLock) -> VMDefinition:
+    async def load_locked(self, name: str, lock: FileLock) -> VMDefinition:
+        """The definition of ``name``, under its ``lock``; an unknown name leaves no lock file behind.
+
+        :raise VMNotFound: there is no VM of that name.
+        """
         try:
             return await self.store.load(name)
         except VMNotFound:
             lock.discard()
             raise
 
-    async def _run(self, *argv: str, check: bool = True, timeout: float | None = None) -> Any:
+    async def load_running(self, name: str, advice: str = "start it first") -> VMDefinition:
+        """The definition of ``name``, which must be running.
+
+        :raise VMStateError: it is not (the message ends with ``advice``).
+        """
+        definition = await self.store.load(validate_name(name))
+        facts = (await self.store.process_facts([definition.name]))[definition.name]
+        if not facts.alive:
+            raise VMStateError(f"VM {definition.name} is not running; {advice}")
+        return definition
+
+    async def run(self, *argv: str, check: bool = True, timeout: float | None = None) -> Any:
         return await self.host.run(argv, timeout=timeout or self.settings.command_timeout, check=check)
 
     def qmp(self, name: str) -> AbstractAsyncContextManager[QMPSession]:
@@ -124,7 +149,8 @@ class VMOps:
         accel = facts.runtime.get("accel")
         return VMState("running", pid=facts.pid, run_state=run_state, accel=str(accel) if accel else None)
 
-    async def _wait_gone(self, paths: VMPaths, pid: int, timeout: float) -> bool:
+    async def wait_gone(self, paths: VMPaths, pid: int, timeout: float) -> bool:
+        """Whether the QEMU of ``paths`` (pid ``pid``) is gone within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         proc = f"/proc/{pid}/cmdline"
@@ -136,27 +162,17 @@ class VMOps:
                 return False
             await asyncio.sleep(0.1)
 
-    async def _clean_runtime_files(self, paths: VMPaths) -> None:
+    async def clean_runtime_files(self, paths: VMPaths) -> None:
+        """Forget the connections of a stopped VM and remove its sockets, pid file and run-time facts."""
         await self.shared.qmp.forget(self.host, paths.qmp_socket)
         await self.shared.agents.forget(self.host, paths.qga_socket)
-        await self._run(
+        await self.run(
             "rm", "-f", "--", paths.qmp_socket, paths.qga_socket, paths.console_socket, paths.vnc_socket,
             paths.pidfile, paths.runtime,
         )  # fmt: skip
 
-    async def _verify_media(self, definition: VMDefinition) -> None:
-        """Check the disk and ISO a definition names, as on create: the files may have changed since.
-
-        :raise InvalidInput: a path breaks the fence, or the disk's chain is not safe to open.
-        """
-        paths = self.store.paths(definition.name)
-        disk = definition.disk
-        await self.fence.check("disk", disk.path, own_dir=paths.directory)
-        await self.disks.inspect(disk.path, disk.format, own_dir=paths.directory)
-        if definition.iso is not None:
-            await self._check_iso(definition.iso)
-
-    async def _check_iso(self, iso: str) -> None:
+    async def check_iso(self, iso: str) -> None:
+        """:raise InvalidInput: ``iso`` breaks the fence, or is not a regular file on the host."""
         real = await self.fence.check("iso", iso)
         st = await self.host.stat(real, timeout=self.settings.command_timeout)
         if st is None or not st.is_file:
@@ -204,6 +220,39 @@ class VMOps:
         if not math.isfinite(timeout) or not 0 <= timeout <= limit:
             raise InvalidInput("stop_timeout", f"{timeout!r} must be a number of seconds from 0 to {limit:g}")
         return timeout
+
+    async def console_tail(self, name: str, lines: int = CONSOLE_TAIL_LINES) -> list[str]:
+        """The last lines of VM ``name``'s serial console log, escape sequences stripped (a guest writes it:
+        bounded); what tells a person why a guest did not come up. Empty when the log cannot be read."""
+        path = self.store.paths(name).console_log
+        try:
+            data, _ = await self.host.read_range(path, offset=None, length=16384, timeout=self.settings.command_timeout)
+        except QemuMcpError:
+            return []
+        text = tail_lines(strip_terminal_escapes(decode_console(data)), lines)
+        return [line[:500] for line in text.splitlines()]
+
+    async def list_elsewhere(self) -> tuple[list[tuple[str, VMDefinition, VMState]], list[str]]:
+        """The VMs the host's index places outside this (default) vm_dir: ``(vm_dir, definition, state)``,
+        and the directories that could not be listed (with why). Entries whose VM is gone are left out."""
+        if self.index is None or self.vm_dir != self.index.default:
+            return [], []
+        by_dir: dict[str, set[str]] = {}
+        for name, directory in (await self.index.entries()).items():
+            if directory != self.vm_dir:
+                by_dir.setdefault(directory, set()).add(name)
+        found: list[tuple[str, VMDefinition, VMState]] = []
+        problems: list[str] = []
+        for directory, names in sorted(by_dir.items()):
+            try:
+                await self.fence.check("vm_dir", directory)
+                other = VMDir(self.host, directory, self.settings, self.shared, self.fence, self.index)
+                listed, _ = await other.list()
+            except QemuMcpError as exc:
+                problems.append(f"{directory}: {exc.message}")
+                continue
+            found += [(directory, d, state) for d, state in listed if d.name in names]
+        return found, problems
 
     async def list(self) -> tuple[list[tuple[VMDefinition, VMState]], dict[str, list[str]]]:
         """Every VM with its state: one scan of vm_dir, then QMP (in parallel) only for live processes.

@@ -79,7 +79,7 @@ async def monitor_vm_status(
                 try:
                     # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
                     await app.shutdown.cancel_on_shutdown(
-                        monitor_vm(vms, name, metrics, interval, count, on_sample, run)
+                        monitor_vm(vms.dir, name, metrics, interval, count, on_sample, run)
                     )
                 except QemuMcpError as exc:
                     if run.samples:
