@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import platform
 import tempfile
 from collections.abc import AsyncIterator
+from typing import Any
 
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
@@ -20,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .access.headers import HeaderGuard, default_allowed_hosts, default_allowed_origins
 from .access.tokens import StaticTokenVerifier, load_tokens
 from .config import Settings
+from .console.vnc import open_vnc
 from .errors import QemuMcpError
 from .mcp.context import AppContext
 from .mcp.server import build_mcp
@@ -51,7 +54,7 @@ def build_app(settings: Settings) -> Starlette:
         mcp_app = _no_standalone_stream(mcp_app)
 
     async def healthz(_: Request) -> JSONResponse:
-        return JSONResponse(app_context.health())
+        return JSONResponse(health(app_context))
 
     async def metrics(request: Request) -> Response:
         # Counts and host names are not secrets, but they map the estate: the same token as /mcp guards them.
@@ -81,7 +84,7 @@ def build_app(settings: Settings) -> Starlette:
     allowed_hosts, allowed_origins = default_allowed_hosts(settings), default_allowed_origins(settings)
     console = console_routes(
         app_context.console_links,
-        app_context.open_vnc,
+        functools.partial(open_vnc, app_context.fleet, timeout=settings.qmp_timeout),
         settings.novnc_dir,
         allowed_origins=allowed_origins,
         allowed_hosts=allowed_hosts,
@@ -99,6 +102,24 @@ def build_app(settings: Settings) -> Starlette:
     )
     starlette.state.shutdown = app_context.shutdown
     return starlette
+
+
+def health(app_context: AppContext) -> dict[str, Any]:
+    """What ``GET /healthz`` answers: the version, the accelerator verdicts, the SSH pool and the resource watcher."""
+    fleet = app_context.fleet
+    watcher = app_context.watcher
+    return {
+        "status": "ok",
+        "version": __version__,
+        "vm_dir": app_context.settings.vm_dir,
+        "accel_setting": app_context.settings.accel,
+        "accel": app_context.shared.accel_probe.known(),
+        "ssh": {**fleet.ssh.snapshot(), "named_hosts": sorted(fleet.named_hosts)},
+        "resources": {
+            "subscribers": app_context.changes.interest,
+            "watcher_scans": watcher.scans if watcher is not None else 0,
+        },
+    }
 
 
 def _no_standalone_stream(app: ASGIApp) -> ASGIApp:
@@ -122,7 +143,7 @@ async def _probe_local_accel(app_context: AppContext) -> None:
         return
     try:
         await app_context.shared.accel_probe.choose(
-            app_context.local, arch, app_context.settings, tempfile.gettempdir()
+            app_context.fleet.local, arch, app_context.settings, tempfile.gettempdir()
         )
     except QemuMcpError as exc:
         log.warning("accelerator probe failed: %s", exc.message)

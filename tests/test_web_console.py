@@ -38,9 +38,10 @@ from starlette.middleware import Middleware
 from websockets.asyncio.client import connect as ws_connect
 
 from qemu_mcp_http.access.headers import HeaderGuard
+from qemu_mcp_http.console.links import ConsoleGrant, ConsoleLinks, console_path
 from qemu_mcp_http.errors import InvalidInput, SocketUnavailable
 from qemu_mcp_http.hosts.local import LocalHost
-from qemu_mcp_http.web.console import ConsoleGrant, ConsoleLinks, OpenVnc, console_path, console_routes
+from qemu_mcp_http.web.console import OpenVnc, console_routes
 
 from .pngutil import png_rgb, rgba_to_rgb, same_pixels
 

@@ -1,68 +1,50 @@
-"""What every tool call gets from the server's lifespan."""
+"""What every tool call (and the resources, completions and confirmations) gets from the server's lifespan.
+
+One object per job, made and closed here: :class:`~qemu_mcp_http.fleet.hosts.Fleet` (which host a call means,
+and the SSH connections), :class:`~qemu_mcp_http.vm.manager.VMManagers` (the VMs of a call's host and vm_dir),
+the change feed of the resources, the web console's links, the tokens' grants, the metrics, the operations
+under way, the monitor streams and the shutdown signal.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
 import secrets
-import socket
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-from mcp.server.mcpserver import Context
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from ..access.grants import Grant
 from ..config import Settings
-from ..errors import CredentialUnusable, InvalidInput, SocketUnavailable, VMStateError
+from ..console.links import ConsoleLinks
 from ..fleet.changes import ChangeFeed, Watcher
-from ..fleet.keys import check_ssh_key
+from ..fleet.hosts import Fleet
 from ..fleet.shutdown import ShutdownSignal
-from ..fleet.targets import HostRequest, NamedHost, load_host_groups, load_named_hosts
-from ..hosts.base import Host
-from ..hosts.local import LocalHost
-from ..hosts.pool import PoolLimits, SSHPool
-from ..hosts.ssh import SSHHost
+from ..fleet.targets import HostRequest
 from ..monitoring.streams import StreamLimiter
 from ..observability import Metrics
-from ..version import __version__
-from ..vm.fence import Fence, FenceRules
-from ..vm.index import VMIndex
-from ..vm.manager import VMManager
+from ..vm.manager import VMManager, VMManagers
 from ..vm.shared import SharedState
-from ..vm.spec import NAME_RE, validate_name, validate_path
-from ..vm.vmdir import VMDir
-from ..web.console import ConsoleGrant, ConsoleLinks, console_path
-from .calls import client_identity
+from .operations import Operations
 
 __all__ = ["AppContext"]
-
-#: How long a shutdown waits for state-changing operations under way (a stop may wait for a guest).
-OPERATIONS_GRACE_S = 60.0
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
 class AppContext:
     settings: Settings
     shared: SharedState = field(default_factory=SharedState)
-    local: LocalHost = field(default_factory=LocalHost)
-    ssh: SSHPool = field(init=False)
-    named_hosts: dict[str, NamedHost] = field(init=False)
-    host_groups: dict[str, tuple[str, ...]] = field(init=False)
+    #: The hosts a call may name and the SSH connections to them.
+    fleet: Fleet = field(init=False)
+    #: The VMs of a call (see :meth:`vms`).
+    managers: VMManagers = field(init=False)
     metrics: Metrics = field(init=False)
     #: monitor_vm_status streams running now, per client.
     monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
     #: Tells open-ended calls (monitor streams) that the server is going down.
     shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
     #: State-changing calls run to their end in these tasks, even when their client goes away.
-    operations: set[asyncio.Task[Any]] = field(default_factory=set)
+    operations: Operations = field(default_factory=Operations)
     #: Short-lived signed links to the web console (a random key per process: links die with it).
     console_links: ConsoleLinks = field(default_factory=lambda: ConsoleLinks(secrets.token_bytes(32)))
     #: Bearer tokens and what each allows (empty: no tokens, every caller may do everything).
@@ -75,11 +57,10 @@ class AppContext:
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
         self.shared.qmp.idle_timeout = self.settings.qmp_idle_hold
-        self.ssh = SSHPool(PoolLimits.from_settings(self.settings))
+        self.fleet = Fleet(self.settings)
+        self.managers = VMManagers(self.fleet, self.settings, self.shared)
         streams = self.monitor_streams
-        self.metrics = Metrics(pool=self.ssh.snapshot, monitor_streams=lambda: streams.running)
-        self.named_hosts = load_named_hosts(self.settings.ssh_hosts_file)
-        self.host_groups = load_host_groups(self.settings.ssh_hosts_file, self.named_hosts)
+        self.metrics = Metrics(pool=self.fleet.ssh.snapshot, monitor_streams=lambda: streams.running)
 
     async def __aenter__(self) -> AppContext:
         return self
@@ -90,183 +71,12 @@ class AppContext:
     async def aclose(self) -> None:
         """Let operations under way finish (bounded), then close what the server holds (SSH pool, ...);
         running VMs are left running."""
-        if self.operations:
-            pending = list(self.operations)
-            log.info("waiting up to %g s for %d operation(s) under way", OPERATIONS_GRACE_S, len(pending))
-            _, late = await asyncio.wait(pending, timeout=OPERATIONS_GRACE_S)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-        await self.ssh.aclose()
+        await self.operations.drain()
+        await self.fleet.aclose()
 
-    def detach(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        """Run ``work`` in a task of the server's: cancelling the caller does not cancel it."""
-        task = asyncio.get_running_loop().create_task(work)
-        self.operations.add(task)
-        task.add_done_callback(self.operations.discard)
-        return task
-
-    def health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "version": __version__,
-            "vm_dir": self.settings.vm_dir,
-            "accel_setting": self.settings.accel,
-            "accel": self.shared.accel_probe.known(),
-            "ssh": {**self.ssh.snapshot(), "named_hosts": sorted(self.named_hosts)},
-            "resources": {
-                "subscribers": self.changes.interest,
-                "watcher_scans": self.watcher.scans if self.watcher is not None else 0,
-            },
-        }
-
-    @asynccontextmanager
-    async def host(self, request: HostRequest) -> AsyncIterator[Host]:
-        """The host a call targets: the local machine, or a pooled SSH connection.
-
-        :raise InvalidInput: the host arguments are malformed, or ``ssh_key`` is not a key clients may use.
-        """
-        if request.is_local:
-            yield self.local
-            return
-        if request.ssh_key:
-            self._check_client_key(request)
-        target = request.ssh_target(self.named_hosts)
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                await stack.enter_async_context(self.ssh.use(target))
-            except CredentialUnusable as exc:
-                raise InvalidInput("ssh_key", exc.message) from exc
-            yield SSHHost(self.ssh, target)
-
-    def _check_client_key(self, request: HostRequest) -> None:
-        """A key is a file of this server: it must lie under ``--ssh-key-dirs``, and it is the operator's
-        credential, so by default it opens only the named hosts (which carry their own ``allowed_roots``)."""
-        key = request.ssh_key or ""
-        check_ssh_key(self.settings, key)
-        if (request.host or "").strip() not in self.named_hosts and not self.settings.allow_client_ssh_keys:
-            raise InvalidInput(
-                "ssh_key",
-                f"the server's SSH keys may only be used for the named hosts of its hosts file "
-                f"({', '.join(sorted(self.named_hosts)) or 'none configured'}); log in to {request.host} with "
-                "ssh_pwd, use a named host, or ask the operator to set --allow-client-ssh-keys",
-            )
-
-    def console_link(self, request: HostRequest, vm_dir: str, name: str, ctx: Context[Any, Any]) -> dict[str, Any]:
-        """A signed link to the web console of ``name``, for this server's HTTP address as the client reached it.
-
-        :raise InvalidInput: an SSH host given by address and credentials (no credential ever goes into a URL).
-        """
-        host = self.console_host(request)
-        token = self.console_links.sign(host, validate_name(name), vm_dir, client_identity(ctx))
-        http = getattr(ctx.request_context, "request", None)
-        base = (
-            str(http.base_url).rstrip("/") if http is not None else f"http://{self.settings.host}:{self.settings.port}"
-        )
-        return {"url": base + console_path(host, name, token), "expires_in": self.console_links.ttl}
-
-    def console_host(self, request: HostRequest) -> str:
-        """The host part of a console link: ``localhost`` or a named host.
-
-        :raise InvalidInput: a host given by address and credentials (no credential ever goes into a URL).
-        """
-        host = "localhost" if request.is_local else (request.host or "").strip()
-        if not request.is_local and (host not in self.named_hosts or request.ssh_pwd or request.ssh_key):
-            raise InvalidInput(
-                "host",
-                "the web console opens VMs of the local host and of named hosts only (a link carries no "
-                "credentials); add the host to the server's hosts file",
-            )
-        return host
-
-    @asynccontextmanager
-    async def open_vnc(self, grant: ConsoleGrant) -> AsyncIterator[socket.socket]:
-        """The VNC socket of the VM a console link names, for the web console's WebSocket; the host is held
-        for the session (a pooled SSH connection is not closed for idleness under an open console)."""
-        request = HostRequest() if grant.host == "localhost" else HostRequest(host=grant.host)
-        path = f"{validate_path(grant.vm_dir, 'vm_dir')}/{validate_name(grant.vm)}/vnc.sock"
-        async with self.host(request) as host:
-            try:
-                sock = await host.open_unix_socket(path, timeout=self.settings.qmp_timeout)
-            except SocketUnavailable as exc:
-                raise VMStateError(f"VM {grant.vm} has no screen to show: is it running? ({exc.reason})") from exc
-            with sock:
-                yield sock
-
-    def resource_host(self, request: HostRequest, vm_dir: str | None) -> str | None:
-        """The ``host`` of the ``vm://`` resources of a call's VM: ``localhost`` or a named host, and only for the
-        default vm_dir; ``None`` when the VM is no resource (a host given by address, another vm_dir)."""
-        if vm_dir is not None and vm_dir.rstrip("/") != self.default_vm_dir(request).rstrip("/"):
-            return None
-        if request.is_local:
-            return "localhost"
-        name = (request.host or "").strip()
-        if name in self.named_hosts and not (request.ssh_pwd or request.ssh_key or request.ssh_user):
-            return name
-        return None
-
-    def fleet_hosts(self, target: str) -> list[str]:
-        """The hosts ``*`` (every named host, and the local machine unless --all-hosts-exclude-local) or
-        ``@group`` (the hosts file's group) stand for.
-
-        :raise InvalidInput: an unknown group (the message lists the groups).
-        """
-        if target == "*":
-            local = [] if self.settings.all_hosts_exclude_local else ["localhost"]
-            return local + sorted(self.named_hosts)
-        group = target[1:]
-        if group not in self.host_groups:
-            known = ", ".join("@" + g for g in sorted(self.host_groups)) or "none (add groups to the hosts file)"
-            raise InvalidInput("host", f"no group {group!r}; the groups are: {known}")
-        return list(self.host_groups[group])
-
-    def default_vm_dir(self, request: HostRequest) -> str:
-        """A call's vm_dir when it gives none: its named host's ``vm_dir``, else the server's."""
-        if not request.is_local:
-            entry = self.named_hosts.get((request.host or "").strip())
-            if entry is not None and entry.vm_dir:
-                return entry.vm_dir
-        return self.settings.vm_dir
-
-    def fence_rules(self, request: HostRequest) -> FenceRules:
-        """The roots paths of a call may use on its host (see :mod:`.vm.fence`)."""
-        if request.is_local:
-            s = self.settings
-            roots = tuple(os.path.expanduser(r) for r in (s.allowed_roots or (s.vm_dir,)))
-            return FenceRules(
-                roots=roots,
-                iso_roots=tuple(os.path.expanduser(r) for r in s.iso_dirs),
-                image_roots=tuple(os.path.expanduser(r) for r in s.image_dirs),
-            )
-        name = (request.host or "").strip()
-        entry = self.named_hosts.get(name)
-        if entry is not None and entry.allowed_roots:
-            return FenceRules(roots=entry.allowed_roots, source=name)
-        return FenceRules(roots=None, source=request.display_name)
-
-    @asynccontextmanager
-    async def vms(
+    def vms(
         self, request: HostRequest, vm_dir: str | None, *, name: str | None = None
-    ) -> AsyncIterator[VMManager]:
-        """The VMs of ``vm_dir`` (default: the named host's, else the server's) on the call's host, the vm_dir
-        checked against the host's roots (resolved there); every further path is checked by the manager as it
-        uses it.
-
-        ``name``: the VM the call is about; without ``vm_dir``, the host's index may place it elsewhere.
-
-        :raise InvalidInput: bad host arguments, or a vm_dir outside the roots.
-        :raise HostError: the host cannot be reached.
-        """
-        default = validate_path(self.default_vm_dir(request), "vm_dir")
-        directory = validate_path(vm_dir, "vm_dir") if vm_dir else default
-        async with self.host(request) as host:
-            s = self.settings
-            index = VMIndex(host, default, timeout=s.command_timeout, lock_timeout=s.lock_timeout)
-            if vm_dir is None and name is not None and NAME_RE.fullmatch(name):
-                # A VM created in another vm_dir is found by its name (see vm/index.py).
-                directory = await index.lookup(name) or directory
-            fence = Fence(host, self.fence_rules(request), self.settings.command_timeout)
-            if fence.rules.roots is not None:
-                real = (await fence.resolve([directory]))[0]
-                fence.check_roots("vm_dir", directory, real, "vm_dir")
-            yield VMManager(VMDir(host, directory, self.settings, self.shared, fence, index))
+    ) -> AbstractAsyncContextManager[VMManager]:
+        """The VMs of ``vm_dir`` (default: the named host's, else the server's) on the call's host: the one entry
+        point from a tool to the VMs (see :meth:`VMManagers.open`)."""
+        return self.managers.open(request, vm_dir, name=name)

@@ -62,7 +62,7 @@ def register_resources(server: MCPServer[AppContext], app: AppContext, grant: Ca
 
     def reachable_hosts() -> list[str]:
         caller = grant()
-        return [h for h in ["localhost", *sorted(app.named_hosts)] if caller.reaches(h)]
+        return [h for h in app.fleet.names() if caller.reaches(h)]
 
     async def with_vms(host: str, name: str, work: Callable[[VMManager, str], Awaitable[Any]]) -> Any:
         request = request_for(host)

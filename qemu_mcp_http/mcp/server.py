@@ -21,12 +21,12 @@ from pydantic import AnyHttpUrl, ValidationError
 from ..access.grants import Grant, current_grant
 from ..access.secret import derive_key, load_shared_secret
 from ..access.tokens import SCOPE, StaticTokenVerifier, load_tokens
+from ..console.links import ConsoleLinks
 from ..fleet.bus import RedisSubscriptionBus
 from ..fleet.changes import ChangeFeed, VMFingerprint, Watcher
 from ..fleet.targets import HostRequest
 from ..observability import Metrics, tool_call
 from ..version import __version__
-from ..web.console import ConsoleLinks
 from .calls import call_record, printable, settle
 from .context import AppContext
 from .resources import register_resources
@@ -132,7 +132,7 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
     watcher = Watcher(
         feed,
         functools.partial(_fingerprints, app_context),
-        lambda: ["localhost", *sorted(app_context.named_hosts)],
+        app_context.fleet.names,
         local_interval=settings.watch_interval,
         remote_interval=settings.watch_remote_interval,
     )

@@ -2,59 +2,40 @@
 
 Routes (from :func:`console_routes`; mount them before the catch-all ``/`` mount of the MCP app):
 
-- ``GET /console/{host}/{vm}?token=...``: a small page of ours (nonce-based Content-Security-Policy, no
-  referrer, never cached) that loads noVNC's ``core/rfb.js`` as an ES module and connects to
+- ``GET /console/{host}/{vm}?token=...``: a small page of ours (``console.html``: nonce-based
+  Content-Security-Policy, no referrer, never cached) that loads noVNC's ``core/rfb.js`` as an ES module and
+  connects to
 - ``WebSocket /console/{host}/{vm}/ws?token=...``: bytes pumped both ways between the browser and the VM's
   VNC unix socket (``<vm_dir>/<vm>/vnc.sock``), opened locally or through the pooled SSH connection's
   stream-local channel by the ``open_vnc`` callback;
 - ``GET /console/static/{path}``: the files of the noVNC directory (Debian's ``novnc`` package, installed
   with the server: nothing is fetched at run time).
 
-**Why a signed URL.** ``/mcp`` wants ``Authorization: Bearer``, but a browser cannot put a header on a
-WebSocket handshake, nor on a page it navigates to. So an authenticated MCP call (``vm_console`` action
-``web``) asks :meth:`ConsoleLinks.sign` for a token and answers a URL that carries it: the token is the
-credential of the page and of its WebSocket, and the bearer token never goes into a URL.
-
-**What the token binds.** An HMAC-SHA256, under a secret of the server's process, over the host name
-(``localhost`` or a named host of the server's settings: no SSH credential is in it, nor needed), the VM,
-its ``vm_dir``, the MCP client it was issued to (for the log) and an expiry (:attr:`ConsoleLinks.ttl`,
-120 s by default). A token opens only the console of that VM on that host, until it expires; it is checked
-in constant time, and a token of another server process (another secret) or a tampered one is refused.
-It is a bearer capability while it lives: the page keeps it out of the ``Referer`` header and takes it
-out of the address bar once loaded, and :func:`console_routes` has uvicorn's request log lines show
-``token=[redacted]`` instead. The expiry is checked when a connection opens; an open console stays
-open until either side closes it, or it carries no byte for ``idle_timeout`` seconds.
+The token of a link (:mod:`qemu_mcp_http.console.links`: what it binds, how it is signed) is a bearer
+capability while it lives: the page keeps it out of the ``Referer`` header and takes it out of the address bar
+once loaded, and :func:`console_routes` has uvicorn's request log lines show ``token=[redacted]`` instead. The
+expiry is checked when a connection opens; an open console stays open until either side closes it, or it
+carries no byte for ``idle_timeout`` seconds.
 
 Host and Origin are checked on the WebSocket as :class:`~qemu_mcp_http.access.headers.HeaderGuard` checks them
 on HTTP requests (the same patterns): a page of another origin cannot open a console, even with a token.
-
-Why one module of 500 lines: the signing, the page, its headers and the WebSocket pump are one security
-boundary (what the token binds is what the routes check); reviewing it in one place is the point.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hashlib
-import hmac
 import html
-import json
 import logging
-import math
 import os
 import re
 import secrets
 import socket
-import time
+import string
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
@@ -62,9 +43,10 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..access.headers import header_problem
-from ..errors import InvalidInput, QemuMcpError
+from ..console.links import ConsoleGrant, ConsoleLinks
+from ..errors import QemuMcpError
 
-__all__ = ["ConsoleGrant", "ConsoleLinks", "OpenVnc", "console_path", "console_routes"]
+__all__ = ["OpenVnc", "console_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +54,8 @@ log = logging.getLogger(__name__)
 #: awaited (the console closes it), or as an async context manager, held for as long as the console is open
 #: (so that it can hold what the socket needs, e.g. a lease on a pooled SSH connection, which the pool
 #: would otherwise close for idleness under an open console) and exited when the console closes.
-OpenVnc = Callable[["ConsoleGrant"], Awaitable[socket.socket] | AbstractAsyncContextManager[socket.socket]]
+OpenVnc = Callable[[ConsoleGrant], Awaitable[socket.socket] | AbstractAsyncContextManager[socket.socket]]
 
-_TOKEN_VERSION = 1
-_MAC_CONTEXT = b"qemu-mcp-http web console v1\x00"
-#: No token the server signs is near this long; longer input is refused before any decoding.
-_MAX_TOKEN_CHARS = 4096
 #: The largest read from the VNC socket, and so the largest WebSocket message sent to the browser.
 _CHUNK = 64 * 1024
 #: A WebSocket close reason is at most 123 bytes of UTF-8.
@@ -119,140 +97,10 @@ def _redact_request_logs() -> None:
             logger.addFilter(_RedactTokens())
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    """:raise ValueError: not URL-safe base64."""
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-@dataclass(frozen=True)
-class ConsoleGrant:
-    """What a valid console token allows: the console of ``vm`` (in ``vm_dir``) on ``host``, until ``expires``
-    (a Unix time); ``client`` is the MCP client it was issued to."""
-
-    host: str
-    vm: str
-    vm_dir: str
-    client: str
-    expires: float
-
-
-class ConsoleLinks:
-    """Signs and verifies console tokens: HMAC-SHA256 under ``secret`` (at least 16 bytes; a random one per
-    server process is right: links then die with the process), valid for ``ttl`` seconds.
-
-    :raise ValueError: the secret is shorter than 16 bytes, or ``ttl`` is not a number of seconds from 1 ms
-        to a day.
-    """
-
-    def __init__(self, secret: bytes, ttl: float = 120.0, *, clock: Callable[[], float] = time.time) -> None:
-        if len(secret) < 16:
-            raise ValueError("the console link secret must be at least 16 bytes long")
-        if not (math.isfinite(ttl) and 0.001 <= ttl <= 86400):
-            raise ValueError(f"the console link lifetime must be from 0.001 to 86400 s, not {ttl!r}")
-        self._secret = secret
-        self.ttl = ttl
-        self._clock = clock
-
-    def _mac(self, body: str) -> str:
-        return _b64encode(hmac.new(self._secret, _MAC_CONTEXT + body.encode("ascii"), hashlib.sha256).digest())
-
-    def sign(self, host: str, vm: str, vm_dir: str, client: str) -> str:
-        """An opaque, URL-safe token for the console of ``vm`` on ``host``, valid for :attr:`ttl` seconds.
-
-        :raise InvalidInput: ``host`` or ``vm`` cannot be a path segment of the console URL (empty, holds
-            ``/``, or is ``.``, ``..`` or, for the host, ``static``).
-        """
-        for field, value in (("host", host), ("vm", vm)):
-            if not value or "/" in value or value in (".", "..") or (field == "host" and value == "static"):
-                raise InvalidInput(field, f"{value!r} cannot name a web console (a path segment of its URL)")
-        expires = round(self._clock() + self.ttl, 3)
-        payload = json.dumps([_TOKEN_VERSION, host, vm, vm_dir, client, expires], separators=(",", ":"))
-        body = _b64encode(payload.encode())
-        return f"{body}.{self._mac(body)}"
-
-    def verify(self, token: str, host: str, vm: str) -> ConsoleGrant | None:
-        """The grant of ``token`` when it is authentic, unexpired and for ``vm`` on ``host``; else ``None``."""
-        if not token or len(token) > _MAX_TOKEN_CHARS or not token.isascii():
-            return None
-        body, sep, mac = token.partition(".")
-        if not sep or not hmac.compare_digest(mac.encode("ascii"), self._mac(body).encode("ascii")):
-            return None
-        try:
-            fields: Any = json.loads(_b64decode(body))
-        except (ValueError, binascii.Error):
-            return None
-        if not (isinstance(fields, list) and len(fields) == 6 and fields[0] == _TOKEN_VERSION):
-            return None
-        _, t_host, t_vm, t_dir, t_client, expires = fields
-        if not all(isinstance(v, str) for v in (t_host, t_vm, t_dir, t_client)):
-            return None
-        if isinstance(expires, bool) or not isinstance(expires, int | float) or expires <= self._clock():
-            return None
-        if t_host != host or t_vm != vm:
-            return None
-        return ConsoleGrant(t_host, t_vm, t_dir, t_client, float(expires))
-
-
-def console_path(host: str, vm: str, token: str) -> str:
-    """The path (with its query) of the console page of ``vm`` on ``host``, for a token from
-    :meth:`ConsoleLinks.sign`; prefix it with the server's base URL."""
-    return f"/console/{quote(host, safe='')}/{quote(vm, safe='')}?token={quote(token, safe='')}"
-
-
 # -- the page -------------------------------------------------------------------------------------
 
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style nonce="{nonce}">
-html, body {{ margin: 0; height: 100%; background: #282828; color: #eee; font: 13px sans-serif; }}
-body {{ display: flex; flex-direction: column; }}
-#bar {{ flex: 0 0 24px; line-height: 24px; padding: 0 8px; background: #3a3a3a; white-space: nowrap; }}
-#screen {{ flex: 1 1 auto; min-height: 0; }}
-</style>
-<script type="module" nonce="{nonce}">
-import RFB from "../static/core/rfb.js";
-
-const bar = document.getElementById("status");
-function show(state, text) {{
-    document.body.dataset.state = state;
-    bar.textContent = text;
-}}
-// The WebSocket beside this page, with the same token; then the token leaves the address bar.
-const url = new URL(location.href);
-url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-url.pathname += "/ws";
-url.hash = "";
-history.replaceState(null, "", location.pathname);
-const ws = new WebSocket(url.href, ["binary"]);
-ws.addEventListener("close", (event) => {{
-    if (document.body.dataset.state === "connected" && event.code === 1000) {{
-        show("disconnected", "Disconnected" + (event.reason ? ": " + event.reason : ""));
-    }} else {{
-        const why = event.reason || "refused or lost; the server's log says why";
-        show("failed", "Closed (" + event.code + "): " + why);
-    }}
-}});
-const rfb = new RFB(document.getElementById("screen"), ws, {{ shared: true }});
-const label = document.body.dataset.label;
-rfb.addEventListener("connect", () => show("connected", "Connected to " + label));
-rfb.addEventListener("desktopname", (event) => {{ document.title = event.detail.name + " - console"; }});
-show("connecting", "Connecting to " + label + "...");
-</script>
-</head>
-<body data-state="loading" data-label="{label}">
-<div id="bar"><span id="status">Loading noVNC...</span></div>
-<div id="screen"></div>
-</body>
-</html>
-"""
+#: The page: a template with ``$nonce``, ``$title`` and ``$label`` (HTML-escaped by the caller), read once.
+_PAGE = string.Template((resources.files(__package__) / "console.html").read_text(encoding="utf-8"))
 
 
 def _page_headers(nonce: str) -> dict[str, str]:
@@ -360,7 +208,7 @@ def console_routes(
         nonce = secrets.token_urlsafe(18)
         # Names reach the page as HTML text and an attribute (escaped), never inside the script.
         label = html.escape(f"{vm} on {host}", quote=True)
-        body = _PAGE.format(nonce=nonce, title=f"{label} - console", label=label)
+        body = _PAGE.substitute(nonce=nonce, title=f"{label} - console", label=label)
         return HTMLResponse(body, headers=_page_headers(nonce))
 
     async def static(request: Request) -> Response:

@@ -102,7 +102,7 @@ async def guarded(work: Awaitable[tuple[str, dict[str, Any]]], base: dict[str, A
 
 @dataclass(frozen=True)
 class Changed:
-    """The VM resource a state-changing call touches (see :meth:`AppContext.resource_host`)."""
+    """The VM resource a state-changing call touches (see :meth:`~qemu_mcp_http.fleet.hosts.Fleet.resource_host`)."""
 
     host: str
     name: str
@@ -123,8 +123,8 @@ async def audited_change(
     """Run a state-changing tool body to its end, even if the client goes away meanwhile, and audit it.
 
     A VM half stopped because a client disconnected would help nobody: the work runs in a task of the
-    server's (see :meth:`AppContext.detach`); a cancelled call stops waiting for it, and the audit line,
-    written when the work ends whatever happened, says ``client_gone``.
+    server's (see :class:`..operations.Operations`); a cancelled call stops waiting for it, and the audit
+    line, written when the work ends whatever happened, says ``client_gone``.
 
     ``confirmation``: the user's answer (see :mod:`..confirm`); a refusal runs nothing. ``changed``: the
     resource whose subscribers hear of the change once it succeeded.
@@ -158,7 +158,7 @@ async def audited_change(
                 **extra,
             )
 
-    task = app.detach(body())
+    task = app.operations.detach(body())
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

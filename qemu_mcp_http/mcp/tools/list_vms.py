@@ -137,7 +137,7 @@ async def _fleet(
             "host", f"host={target!r} reaches the named hosts with their own settings; drop ssh_user/ssh_pwd/ssh_key"
         )
     grant = current_grant(app.grants)
-    hosts = [h for h in app.fleet_hosts(target) if grant.reaches(h)]
+    hosts = [h for h in app.fleet.expand(target) if grant.reaches(h)]
     if not hosts:
         raise InvalidInput("host", f"{target!r} names no host this server (and this token) may reach")
     limit = app.settings.ssh_connect_timeout + app.settings.command_timeout

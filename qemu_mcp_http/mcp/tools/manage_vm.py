@@ -155,7 +155,7 @@ async def manage_vm(
                 )
             return message, {"details": details}
 
-    where = app.resource_host(request, vm_dir)
+    where = app.fleet.resource_host(request, vm_dir)
     changed = Changed(where, name, listed=action in ("create", "delete")) if where else None
     return await audited_change(
         app, ctx, work(), base, confirmation=confirmation, changed=changed, host=request.display_name, vm=name,

@@ -11,8 +11,11 @@ from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ImageContent, ToolAnnotations
 from pydantic import Field
 
+from ...console.links import console_path
 from ...errors import InvalidInput
 from ...fleet.targets import HostRequest
+from ...vm.spec import validate_name
+from ..calls import client_identity
 from ..context import AppContext
 from ._common import (
     HostArg,
@@ -82,7 +85,7 @@ async def vm_console(
 
     async def work() -> tuple[str, dict[str, Any]]:
         if action == "web":
-            app.console_host(request)  # before any connection: a link never carries credentials
+            app.fleet.link_host(request)  # before any connection: a link never carries credentials
         async with app.vms(request, vm_dir, name=name) as vms:
             if action == "read":
                 read = await vms.console_read(name, lines, offset, raw)
@@ -97,7 +100,7 @@ async def vm_console(
                 screenshot.append(png)
                 return f"the screen of {name}: {facts['width']}x{facts['height']} PNG", facts
             if action == "web":
-                link = app.console_link(request, vms.vm_dir, name, ctx)
+                link = _web_link(app, ctx, request, vms.vm_dir, name)
                 return f"the screen of {name} in a browser (the link works for {link['expires_in']} s)", link
             if action == "send":
                 if text is None:
@@ -127,6 +130,21 @@ async def vm_console(
             ImageContent(type="image", data=base64.b64encode(screenshot[0]).decode(), mime_type="image/png")
         )
     return result
+
+
+def _web_link(
+    app: AppContext, ctx: Context[AppContext, Any], request: HostRequest, vm_dir: str, name: str
+) -> dict[str, Any]:
+    """A signed link to the web console of ``name``, for this server's HTTP address as the client reached it.
+
+    :raise InvalidInput: an SSH host given by address and credentials (no credential ever goes into a URL).
+    """
+    host = app.fleet.link_host(request)
+    token = app.console_links.sign(host, validate_name(name), vm_dir, client_identity(ctx))
+    http = getattr(ctx.request_context, "request", None)
+    s = app.settings
+    base = str(http.base_url).rstrip("/") if http is not None else f"http://{s.host}:{s.port}"
+    return {"url": base + console_path(host, name, token), "expires_in": app.console_links.ttl}
 
 
 TOOL = ToolSpec("vm_console", vm_console, DESCRIPTION, ANNOTATIONS)

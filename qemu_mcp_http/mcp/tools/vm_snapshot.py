@@ -90,7 +90,7 @@ async def vm_snapshot(
 
     if action == "list":
         return await guarded(work(), base)
-    where = app.resource_host(request, vm_dir)
+    where = app.fleet.resource_host(request, vm_dir)
     return await audited_change(
         app, ctx, work(), base, confirmation=confirmation, changed=Changed(where, name) if where else None,
         host=request.display_name, vm=name, action=f"snapshot-{action}", snapshot=snapshot,
