@@ -1,11 +1,13 @@
-"""Confirmation before destruction: the client's user is asked (MCP elicitation) before a delete, a modify
-that restarts a running VM, a snapshot revert or delete, and a guest write_file.
+"""Confirmation before destruction: the client's user is asked (MCP elicitation) before an action whose
+:class:`~qemu_mcp_http.mcp.tools.spec.Action` names a question (a delete, a modify that restarts a running VM,
+a snapshot revert or delete, a guest write_file; the questions live beside their tools).
 
-Each such tool has a parameter filled by a resolver (the SDK's ``Resolve``): it runs before the tool body,
-decides whether to ask, and returns an ``Elicit`` (the SDK asks: ``elicitation/create`` during the call on
-the handshake revisions, an input-required result and a retry on 2026-07-28) or a :class:`NotAsked` that says
-why not. The body then goes ahead only on :func:`refusal` ``None``. Nothing is held while the user thinks:
-the resolver takes no lock, and the question names what will be destroyed as it is when asked.
+Each tool with such an action has a parameter filled by a resolver (the SDK's ``Resolve``, made here by
+:func:`resolver`): it runs before the tool body, lets the action's question decide whether to ask, and returns an
+``Elicit`` (the SDK asks: ``elicitation/create`` during the call on the handshake revisions, an input-required
+result and a retry on 2026-07-28) or a :class:`NotAsked` that says why not. The body then goes ahead only on
+:func:`refusal` ``None``. Nothing is held while the user thinks: the resolver takes no lock, and the question
+names what will be destroyed as it is when asked.
 
 The policy is ``--confirm`` (or a token's ``confirm=``): ``elicit`` asks clients that can and lets the others
 go ahead, ``require`` refuses the others, ``never`` asks nobody.
@@ -13,30 +15,23 @@ go ahead, ``require`` refuses the others, ``never`` asks nobody.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from mcp.server.elicitation import AcceptedElicitation, ElicitationResult
-from mcp.server.mcpserver import Context, Elicit, Resolve
+from mcp.server.mcpserver import Context, Elicit
 from pydantic import BaseModel, Field
 
 from ..access.grants import current_grant
 from ..errors import QemuMcpError
 from ..fleet.targets import HostRequest
 from ..vm.manager import VMManager
-from ..vm.spec import format_size, validate_name
 from .context import AppContext
 
-__all__ = [
-    "Confirm",
-    "GuestWriteConfirmation",
-    "ManageConfirmation",
-    "NotAsked",
-    "SnapshotConfirmation",
-    "refusal",
-]
+__all__ = ["Asking", "Confirm", "Decision", "NotAsked", "Question", "refusal", "resolver"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +51,6 @@ class NotAsked:
 
 
 Decision = Elicit[Confirm] | NotAsked
-RESTARTING = ("memory", "vcpus", "ports", "cloud_init")
 
 
 def refusal(outcome: ElicitationResult[Any]) -> str | None:
@@ -78,161 +72,82 @@ def _can_ask(ctx: Context[Any, Any]) -> bool:
     return elicitation is not None and (elicitation.form is not None or elicitation.url is None)
 
 
-async def _decide(ctx: Context[AppContext, Any], what: str, question: Callable[[], Awaitable[str]]) -> Decision:
-    app = ctx.request_context.lifespan_context
-    grant = current_grant(app.grants)
-    policy = grant.confirm or app.settings.confirm
-    if policy == "never":
-        return NotAsked("confirmation is off")
-    if not _can_ask(ctx):
-        if policy == "require":
-            return NotAsked(
-                "client cannot ask",
-                refuse=f"{what} must be confirmed by the user, and this client cannot ask (it did not declare the "
-                "elicitation capability); use a client that can, or ask the operator for a token with confirm=never "
-                "for automation",
-            )
-        return NotAsked("the client cannot ask its user")
-    return Elicit(await question(), Confirm)
+@dataclass(frozen=True)
+class Asking:
+    """What an action's question gets: the call's MCP context, its host and its (validated) arguments."""
 
+    ctx: Context[AppContext, Any]
+    request: HostRequest
+    arguments: Mapping[str, Any]
 
-async def _with_vms(
-    ctx: Context[AppContext, Any], request: HostRequest, vm_dir: str | None, name: str, fallback: str,
-    describe: Callable[[VMManager], Awaitable[str]],
-) -> str:  # fmt: skip
-    """The question, with what the VM's files say; the plain ``fallback`` when they cannot be read (the
-    call itself then says what is wrong)."""
-    app = ctx.request_context.lifespan_context
-    try:
-        async with app.vms(request, vm_dir, name=name) as vms:
-            return await describe(vms)
-    except QemuMcpError:
-        return fallback
+    @property
+    def where(self) -> str:
+        return "on this server's host" if self.request.is_local else f"on host {self.request.display_name}"
 
+    async def decide(self, what: str, question: Callable[[], Awaitable[str]]) -> Decision:
+        """Ask ``question()`` when the policy and the client allow it; ``what`` names the change when a client
+        that cannot ask is refused."""
+        app = self.ctx.request_context.lifespan_context
+        grant = current_grant(app.grants)
+        policy = grant.confirm or app.settings.confirm
+        if policy == "never":
+            return NotAsked("confirmation is off")
+        if not _can_ask(self.ctx):
+            if policy == "require":
+                return NotAsked(
+                    "client cannot ask",
+                    refuse=f"{what} must be confirmed by the user, and this client cannot ask (it did not declare "
+                    "the elicitation capability); use a client that can, or ask the operator for a token with "
+                    "confirm=never for automation",
+                )
+            return NotAsked("the client cannot ask its user")
+        return Elicit(await question(), Confirm)
 
-def _where(request: HostRequest) -> str:
-    return "on this server's host" if request.is_local else f"on host {request.display_name}"
+    async def ask(self, what: str, text: str) -> Decision:
+        """:meth:`decide` with a question known already."""
 
+        async def question() -> str:
+            return text
 
-async def confirm_manage_vm(
-    ctx: Context[AppContext, Any],
-    action: str,
-    name: str,
-    vm_dir: str | None,
-    memory: str | None,
-    vcpus: int | None,
-    ports: list[str] | None,
-    cloud_init: dict[str, Any] | None,
-    host: str,
-    ssh_port: int,
-    ssh_user: str | None,
-    ssh_pwd: str | None,
-    ssh_key: str | None,
-) -> Decision:
-    request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
-    where = _where(request)
-    if action == "delete":
+        return await self.decide(what, question)
 
-        async def deleting(vms: VMManager) -> str:
-            definition = await vms.store.load(validate_name(name))
-            running = (await vms.state_of(definition)).status == "running"
-            disk = definition.disk
-            fate = (
-                f"its disk {disk.path} ({format_size(disk.size_bytes)}) is destroyed"
-                if disk.created_by_tool
-                else f"its disk {disk.path} was attached and is kept"
-            )
-            now = " It is running: it will be shut down first." if running else ""
-            return f"Delete VM {name} {where}? Its directory's files go and {fate}.{now} This cannot be undone."
-
-        fallback = f"Delete VM {name} {where} and the disk it created? This cannot be undone."
-        return await _decide(
-            ctx, f"deleting VM {name}", lambda: _with_vms(ctx, request, vm_dir, name, fallback, deleting)
-        )
-    given = {"memory": memory, "vcpus": vcpus, "ports": ports, "cloud_init": cloud_init}
-    restarting = [key for key in RESTARTING if given[key] is not None]
-    if action != "modify" or not restarting:
-        return NotAsked("not destructive")
-
-    async def running() -> bool:
-        app = ctx.request_context.lifespan_context
+    async def about_vm(self, fallback: str, describe: Callable[[VMManager], Awaitable[str]]) -> str:
+        """``describe(vms)`` with the VMs of the call's host and vm_dir: a question with what the VM's files say;
+        the plain ``fallback`` when they cannot be read (the call itself then says what is wrong)."""
+        app = self.ctx.request_context.lifespan_context
+        name = str(self.arguments.get("name"))
         try:
-            async with app.vms(request, vm_dir, name=name) as vms:
-                definition = await vms.store.load(validate_name(name))
-                return (await vms.state_of(definition)).status == "running"
+            async with app.vms(self.request, self.arguments.get("vm_dir"), name=name) as vms:
+                return await describe(vms)
         except QemuMcpError:
-            return False  # the call itself says what is wrong
-
-    if not await running():
-        return NotAsked("the VM is not running: nothing restarts")
-    changes = ", ".join(restarting)
-    text = (
-        f"Modify VM {name} {where}: changing {changes} restarts the running VM (its guest is shut down and "
-        "started again; unsaved work in it is lost). Go ahead?"
-    )
-
-    async def question() -> str:
-        return text
-
-    return await _decide(ctx, f"restarting VM {name}", question)
+            return fallback
 
 
-async def confirm_vm_snapshot(
-    ctx: Context[AppContext, Any],
-    action: str,
-    name: str,
-    snapshot: str | None,
-    host: str,
-    ssh_port: int,
-    ssh_user: str | None,
-    ssh_pwd: str | None,
-    ssh_key: str | None,
-) -> Decision:
-    if action not in ("revert", "delete") or snapshot is None:
-        return NotAsked("not destructive")
-    where = _where(HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key))
-    if action == "revert":
-        text = (
-            f"Revert VM {name} {where} to snapshot {snapshot}? What its disk (and, for a snapshot with memory, "
-            "its running state) holds since then is lost."
-        )
-    else:
-        text = f"Delete snapshot {snapshot} of VM {name} {where}? It cannot be gone back to afterwards."
-
-    async def question() -> str:
-        return text
-
-    return await _decide(ctx, f"{action} of snapshot {snapshot}", question)
+#: An action's question: a :class:`Decision` (ask, or why not) from what the call asks for.
+Question = Callable[[Asking], Awaitable[Decision]]
 
 
-async def confirm_guest_write(
-    ctx: Context[AppContext, Any],
-    action: str,
-    name: str,
-    path: str | None,
-    content: str | None,
-    content_base64: str | None,
-    append: bool,
-    host: str,
-    ssh_port: int,
-    ssh_user: str | None,
-    ssh_pwd: str | None,
-    ssh_key: str | None,
-) -> Decision:
-    if action != "write_file" or path is None:
-        return NotAsked("not destructive")
-    where = _where(HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key))
-    size = len(content.encode()) if content is not None else (len(content_base64 or "") * 3) // 4
-    how = "append about" if append else "replace the file with about"
-    text = f"Write to {path} in the guest of VM {name} {where} ({how} {size} bytes)? An existing file's content is "
-    text += "kept and extended." if append else "lost."
+def resolver(
+    tool: str,
+    question_of: Callable[[object], Question | None],
+    arguments: Sequence[str],
+    request_of: Callable[[dict[str, Any]], HostRequest],
+) -> Callable[..., Awaitable[Decision]]:
+    """The SDK resolver of a tool's ``confirmation`` parameter: it takes the tool's ``arguments`` by name and asks
+    the question of the call's action (``question_of(action)``; ``None``: nothing to confirm).
 
-    async def question() -> str:
-        return text
+    Its wire key (``module:qualname``, carried by a 2026-07-28 retry) names the tool: ``confirm_<tool>``.
+    """
 
-    return await _decide(ctx, f"writing {path} in VM {name}", question)
+    async def confirm(ctx: Context[AppContext, Any], **given: Any) -> Decision:
+        question = question_of(given.get("action"))
+        if question is None:
+            return NotAsked("not destructive")
+        return await question(Asking(ctx, request_of(dict(given)), given))
 
-
-ManageConfirmation = Annotated[ElicitationResult[Confirm], Resolve(confirm_manage_vm)]
-SnapshotConfirmation = Annotated[ElicitationResult[Confirm], Resolve(confirm_vm_snapshot)]
-GuestWriteConfirmation = Annotated[ElicitationResult[Confirm], Resolve(confirm_guest_write)]
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context[AppContext, Any])]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in arguments]
+    confirm.__dict__["__signature__"] = inspect.Signature(parameters, return_annotation=Decision)
+    confirm.__annotations__ = {"ctx": Context[AppContext, Any], "return": Decision}
+    confirm.__qualname__ = confirm.__name__ = f"confirm_{tool}"
+    return confirm

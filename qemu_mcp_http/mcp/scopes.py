@@ -1,7 +1,7 @@
 """What each tool action needs of a token's grant (see :mod:`..access.grants`): ``read`` < ``operate`` < ``admin``.
 
-Each tool action needs one scope (:data:`ACTION_SCOPES`); an action this table does not know needs ``admin``, so
-a new action is closed until it is placed.
+Each tool action needs one scope, as its tool's spec declares it (:data:`ACTION_SCOPES`); an action this table
+does not know needs ``admin``, so a new action is closed until it is placed.
 """
 
 from __future__ import annotations
@@ -10,22 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..access.grants import Grant, Scope
+from .tools import TOOLS
 
 __all__ = ["ACTION_SCOPES", "refusal", "tool_visible"]
 
-#: The scope each action needs; ``None`` is the tool's only action (it has no ``action`` argument).
+#: The scope each action needs, from the tools' specs; ``None`` is the tool's only action (no ``action`` argument).
 ACTION_SCOPES: Mapping[str, Mapping[str | None, Scope]] = {
-    "list_vms": {None: "read"},
-    "monitor_vm_status": {None: "read"},
-    "manage_vm": {"start": "operate", "stop": "operate", "create": "admin", "delete": "admin", "modify": "admin"},
-    "vm_console": {
-        "read": "read", "screenshot": "read", "wait": "read",
-        "send": "operate", "keys": "operate", "type": "operate", "web": "operate",
-    },
-    "vm_snapshot": {"list": "read", "create": "operate", "revert": "operate", "delete": "admin"},
-    # read_file reads any guest file as root (keys, shadow): as exec.
-    "vm_guest": {"info": "read", "exec": "admin", "write_file": "admin", "read_file": "admin"},
-}  # fmt: skip
+    spec.name: {action: declared.scope for action, declared in spec.actions.items()} for spec in TOOLS
+}
 
 
 def needed_scope(tool: str, action: object) -> Scope:

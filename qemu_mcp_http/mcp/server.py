@@ -32,7 +32,8 @@ from .context import AppContext
 from .resources import register_resources
 from .scopes import refusal, tool_visible
 from .tools import TOOLS
-from .tools._common import envelope, validation_envelope
+from .tools.envelope import envelope, validation_envelope
+from .tools.spec import ToolSpec
 
 __all__ = ["QemuMCPServer", "build_mcp"]
 
@@ -42,7 +43,8 @@ class QemuMCPServer(MCPServer[AppContext]):
     own ``{success: false}`` envelope."""
 
     metrics: Metrics
-    tool_names: frozenset[str] = frozenset()
+    #: The tools by name, as their specs declare them (replaced per instance by build_mcp).
+    specs: dict[str, ToolSpec] = {}  # noqa: RUF012
     #: Bearer tokens and their grants (empty: no tokens, everything allowed).
     grants: dict[str, Grant] = {}  # noqa: RUF012  # replaced per instance by build_mcp
 
@@ -51,7 +53,7 @@ class QemuMCPServer(MCPServer[AppContext]):
     ) -> Any:
         # Here rather than in each tool: calls refused before a tool body runs (bad arguments) count too.
         # A name the server does not know is not a label: clients must not grow the metrics at will.
-        tool = name if name in self.tool_names else "unknown"
+        tool = name if name in self.specs else "unknown"
         with tool_call(self.metrics, call_record(tool, arguments, context)) as record:
             refused = self.refuse_unknown(name, arguments) or self.refuse_out_of_scope(name, arguments)
             if refused is not None:
@@ -62,7 +64,8 @@ class QemuMCPServer(MCPServer[AppContext]):
             except ToolError as exc:
                 if not isinstance(exc.__cause__, ValidationError):
                     raise
-                result = validation_envelope(name, arguments, exc.__cause__)
+                spec = self.specs[name]
+                result = validation_envelope(arguments, exc.__cause__, with_action=spec.names_action_when_invalid)
             if isinstance(result, CallToolResult):
                 settle(record, result)
             elif isinstance(result, InputRequiredResult):
@@ -92,7 +95,7 @@ class QemuMCPServer(MCPServer[AppContext]):
         tool = self._tool_manager.get_tool(name)
         data: dict[str, Any] = {"host": str(arguments.get("host") or "localhost"), "error": "InvalidInput"}
         if tool is None:
-            known = ", ".join(sorted(self.tool_names))
+            known = ", ".join(sorted(self.specs))
             return envelope(False, f"Unknown tool {printable(name)!r}; this server's tools are: {known}", data)
         accepted = tool.parameters.get("properties", {})
         unknown = sorted(key for key in arguments if key not in accepted)
@@ -176,12 +179,12 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         **extra,
     )
     for spec in TOOLS:
-        server.add_tool(spec.fn, name=spec.name, description=spec.description, annotations=spec.annotations)
+        server.add_tool(spec.registered(), name=spec.name, description=spec.description, annotations=spec.annotations)
         tool = server._tool_manager.get_tool(spec.name)
         assert tool is not None
         tool.parameters["additionalProperties"] = False  # clients learn before calling that extras are refused
     server.metrics = app_context.metrics
-    server.tool_names = frozenset(spec.name for spec in TOOLS)
+    server.specs = {spec.name: spec for spec in TOOLS}
     server.grants = tokens
     if not settings.stateless:
         # Stateless, a 2025 session ends with each request: it could never be notified; without the handler,

@@ -1,9 +1,10 @@
-"""The MCP tools: one module each, thin wrappers over :mod:`qemu_mcp_http.vm`, registered from ``TOOLS``."""
+"""The MCP tools: one module each, thin over the VM operations (:mod:`qemu_mcp_http.vm.manager`), each declared by
+its ``TOOL = ToolSpec(...)`` (see :mod:`.spec`) and registered from ``TOOLS``."""
 
-from ._common import ToolSpec
 from .list_vms import TOOL as LIST_VMS
 from .manage_vm import TOOL as MANAGE_VM
 from .monitor_vm_status import TOOL as MONITOR_VM_STATUS
+from .spec import ToolSpec
 from .vm_console import TOOL as VM_CONSOLE
 from .vm_guest import TOOL as VM_GUEST
 from .vm_snapshot import TOOL as VM_SNAPSHOT

@@ -18,17 +18,9 @@ from ...fleet.targets import HostRequest
 from ...vm.manager import VMState
 from ...vm.spec import VMDefinition, parse_arch
 from ..context import AppContext
-from ._common import (
-    HostArg,
-    SshKeyArg,
-    SshPortArg,
-    SshPwdArg,
-    SshUserArg,
-    ToolResult,
-    ToolSpec,
-    VmDirArg,
-    guarded,
-)
+from .call import Action, Call
+from .params import VmDirArg
+from .spec import ToolSpec
 
 __all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "list_vms"]
 
@@ -45,7 +37,7 @@ ANNOTATIONS = ToolAnnotations(
 
 
 async def list_vms(
-    ctx: Context[AppContext, Any],
+    call: Call,
     status: Annotated[
         Literal["running", "stopped", "all"], Field(description="Only VMs in this state: running, stopped or all")
     ] = "all",
@@ -57,20 +49,13 @@ async def list_vms(
         str | None, Field(description="Only VMs whose name contains this text (case-insensitive)")
     ] = None,
     vm_dir: VmDirArg = None,
-    host: HostArg = "localhost",
-    ssh_port: SshPortArg = 22,
-    ssh_user: SshUserArg = None,
-    ssh_pwd: SshPwdArg = None,
-    ssh_key: SshKeyArg = None,
-) -> Annotated[CallToolResult, ToolResult]:
-    app = ctx.request_context.lifespan_context
-    target = (host or "").strip()
+) -> CallToolResult:
+    app, request = call.app, call.request
+    target = (request.host or "").strip()
     filters = _Filters(status, arch, filter_name)
     if target == "*" or target.startswith("@"):
-        return await guarded(_fleet(app, ctx, target, filters, vm_dir, bool(ssh_user or ssh_pwd or ssh_key)),
-                             {"host": target})  # fmt: skip
-    request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
-    base: dict[str, Any] = {"host": request.display_name}
+        credentials = bool(request.ssh_user or request.ssh_pwd or request.ssh_key)
+        return await call.run(_fleet(app, call.ctx, target, filters, vm_dir, credentials), {"host": target})
 
     async def work() -> tuple[str, dict[str, Any]]:
         rows, problems, vm_dir_used = await _list_host(app, request, vm_dir, filters)
@@ -88,7 +73,7 @@ async def list_vms(
             )
         return message, data
 
-    return await guarded(work(), base)
+    return await call.run(work(), call.base())
 
 
 @dataclass(frozen=True)
@@ -182,4 +167,4 @@ def _metric_state(state: VMState) -> str:
     return (state.run_state or "running") if state.status == "running" else "stopped"
 
 
-TOOL = ToolSpec("list_vms", list_vms, DESCRIPTION, ANNOTATIONS)
+TOOL = ToolSpec("list_vms", list_vms, DESCRIPTION, ANNOTATIONS, actions={None: Action("read")})

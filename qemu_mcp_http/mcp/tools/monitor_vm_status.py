@@ -5,26 +5,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ...errors import QemuMcpError
-from ...fleet.targets import HostRequest
 from ...monitoring.monitor import MonitorRun, monitor_vm
 from ..calls import client_identity
-from ..context import AppContext
-from ._common import (
-    HostArg,
-    SshKeyArg,
-    SshPortArg,
-    SshPwdArg,
-    SshUserArg,
-    ToolResult,
-    ToolSpec,
-    VmDirArg,
-    guarded,
-)
+from .call import Action, Call
+from .params import VmDirArg
+from .spec import ToolSpec
 
 __all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "monitor_vm_status"]
 
@@ -39,27 +28,20 @@ ANNOTATIONS = ToolAnnotations(
 
 
 async def monitor_vm_status(
+    call: Call,
     name: Annotated[str, Field(description="Name of the running VM to monitor")],
-    ctx: Context[AppContext, Any],
     metrics: Annotated[
         Literal["all", "cpu", "memory", "disk", "network"], Field(description="Which metrics to sample")
     ] = "all",
     interval: Annotated[float, Field(description="Seconds between samples (minimum 1)", allow_inf_nan=False)] = 5,
     count: Annotated[int, Field(description="Number of samples; 0 samples until the client cancels")] = 1,
     vm_dir: VmDirArg = None,
-    host: HostArg = "localhost",
-    ssh_port: SshPortArg = 22,
-    ssh_user: SshUserArg = None,
-    ssh_pwd: SshPwdArg = None,
-    ssh_key: SshKeyArg = None,
-) -> Annotated[CallToolResult, ToolResult]:
-    app = ctx.request_context.lifespan_context
-    request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
-    base: dict[str, Any] = {"host": request.display_name, "vm_name": name}
+) -> CallToolResult:
+    app = call.app
     run = MonitorRun()
 
     async def on_sample(n: int, sample: dict[str, Any]) -> None:
-        await ctx.report_progress(n, count or None, json.dumps(sample, separators=(",", ":")))
+        await call.ctx.report_progress(n, count or None, json.dumps(sample, separators=(",", ":")))
 
     def collected() -> dict[str, Any]:
         return {
@@ -73,9 +55,9 @@ async def monitor_vm_status(
 
     async def work() -> tuple[str, dict[str, Any]]:
         settings = app.settings
-        client = client_identity(ctx)
+        client = client_identity(call.ctx)
         with app.monitor_streams.slot(client, settings.max_monitor_streams_per_client, settings.max_monitor_streams):
-            async with app.vms(request, vm_dir, name=name) as vms:
+            async with app.vms(call.request, vm_dir, name=name) as vms:
                 try:
                     # count=0 never ends by itself: a server shutdown ends it, with an error the client sees.
                     await app.shutdown.cancel_on_shutdown(
@@ -90,7 +72,7 @@ async def monitor_vm_status(
         note = " (stopped at the server's maximum duration)" if run.ended_by == "max_duration" else ""
         return f"Successfully obtained {n} sampling data point{'s' if n != 1 else ''} for {name}{note}", collected()
 
-    result = await guarded(work(), base)
+    result = await call.run(work(), call.base(vm_name=name))
     if result.is_error and run.samples and result.structured_content is not None:
         # Keep what was collected before the failure.
         result.structured_content["data"].update(collected())
@@ -98,4 +80,4 @@ async def monitor_vm_status(
     return result
 
 
-TOOL = ToolSpec("monitor_vm_status", monitor_vm_status, DESCRIPTION, ANNOTATIONS)
+TOOL = ToolSpec("monitor_vm_status", monitor_vm_status, DESCRIPTION, ANNOTATIONS, actions={None: Action("read")})

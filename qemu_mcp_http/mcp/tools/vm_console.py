@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ImageContent, ToolAnnotations
 from pydantic import Field
 
 from ...console.links import console_path
 from ...errors import InvalidInput
-from ...fleet.targets import HostRequest
 from ...vm.spec import validate_name
 from ..calls import client_identity
-from ..context import AppContext
-from ._common import (
-    HostArg,
-    SshKeyArg,
-    SshPortArg,
-    SshPwdArg,
-    SshUserArg,
-    ToolResult,
-    ToolSpec,
-    VmDirArg,
-    audited_change,
-    guarded,
-)
+from .call import Action, Call
+from .params import VmDirArg
+from .spec import ToolSpec
 
 __all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "vm_console"]
 
@@ -45,13 +31,13 @@ ANNOTATIONS = ToolAnnotations(
     open_world_hint=False,
 )  # fmt: skip
 
-Action = Literal["read", "send", "wait", "screenshot", "keys", "type", "web"]
+ActionName = Literal["read", "send", "wait", "screenshot", "keys", "type", "web"]
 
 
 async def vm_console(
+    call: Call,
     name: Annotated[str, Field(description="Name of the VM")],
-    action: Annotated[Action, Field(description="read, send, wait, screenshot, keys, type or web")],
-    ctx: Context[AppContext, Any],
+    action: Annotated[ActionName, Field(description="read, send, wait, screenshot, keys, type or web")],
     lines: Annotated[int | None, Field(description="read: the last this many lines (default 50)")] = None,
     offset: Annotated[
         int | None, Field(description="read/wait: start at this byte of the console log (from next_offset)")
@@ -67,40 +53,27 @@ async def vm_console(
     ] = None,
     hold_time_ms: Annotated[int | None, Field(description="keys/type: how long each key is held, ms")] = None,
     vm_dir: VmDirArg = None,
-    host: HostArg = "localhost",
-    ssh_port: SshPortArg = 22,
-    ssh_user: SshUserArg = None,
-    ssh_pwd: SshPwdArg = None,
-    ssh_key: SshKeyArg = None,
-) -> Annotated[CallToolResult, ToolResult]:
-    app = ctx.request_context.lifespan_context
-    request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
-    base: dict[str, Any] = {"host": request.display_name, "vm_name": name, "action": action}
+) -> CallToolResult:
     screenshot: list[bytes] = []
-
-    async def waiting(elapsed: float, phase: str) -> None:
-        with contextlib.suppress(Exception):
-            note = json.dumps({"phase": phase, "elapsed_s": round(elapsed, 1)}, separators=(",", ":"))
-            await ctx.report_progress(round(elapsed, 1), timeout, note)
 
     async def work() -> tuple[str, dict[str, Any]]:
         if action == "web":
-            app.fleet.link_host(request)  # before any connection: a link never carries credentials
-        async with app.vms(request, vm_dir, name=name) as vms:
+            call.app.fleet.link_host(call.request)  # before any connection: a link never carries credentials
+        async with call.app.vms(call.request, vm_dir, name=name) as vms:
             if action == "read":
                 read = await vms.console_read(name, lines, offset, raw)
                 return f"read the console of {name} up to byte {read['next_offset']}", read
             if action == "wait":
                 if pattern is None:
                     raise InvalidInput("pattern", "wait needs a regular expression, e.g. 'login: $'")
-                found = await vms.console_wait(name, pattern, offset, timeout, waiting)
+                found = await vms.console_wait(name, pattern, offset, timeout, call.progress(timeout))
                 return f"{pattern!r} appeared on the console of {name} at byte {found['offset']}", found
             if action == "screenshot":
                 facts, png = await vms.console_screenshot(name)
                 screenshot.append(png)
                 return f"the screen of {name}: {facts['width']}x{facts['height']} PNG", facts
             if action == "web":
-                link = _web_link(app, ctx, request, vms.vm_dir, name)
+                link = _web_link(call, vms.vm_dir, name)
                 return f"the screen of {name} in a browser (the link works for {link['expires_in']} s)", link
             if action == "send":
                 if text is None:
@@ -117,14 +90,9 @@ async def vm_console(
             typed = await vms.console_type(name, text, hold_time_ms)
             return f"typed {len(text)} characters on {name}", typed
 
-    if action in ("send", "keys", "type"):
-        # Audited with the length of what was typed, never the text: it may hold a password.
-        size = len(text) if text is not None else len(keys) if isinstance(keys, list | str) else 0
-        result = await audited_change(
-            app, ctx, work(), base, host=request.display_name, vm=name, action=f"console-{action}", length=size
-        )
-    else:
-        result = await guarded(work(), base)
+    # send/keys/type are audited with the length of what was typed, never the text: it may hold a password.
+    size = len(text) if text is not None else len(keys) if isinstance(keys, list | str) else 0
+    result = await call.run(work(), call.base(vm_name=name, action=action), vm=name, length=size)
     if screenshot and not result.is_error:
         result.content.append(
             ImageContent(type="image", data=base64.b64encode(screenshot[0]).decode(), mime_type="image/png")
@@ -132,19 +100,32 @@ async def vm_console(
     return result
 
 
-def _web_link(
-    app: AppContext, ctx: Context[AppContext, Any], request: HostRequest, vm_dir: str, name: str
-) -> dict[str, Any]:
+def _web_link(call: Call, vm_dir: str, name: str) -> dict[str, Any]:
     """A signed link to the web console of ``name``, for this server's HTTP address as the client reached it.
 
     :raise InvalidInput: an SSH host given by address and credentials (no credential ever goes into a URL).
     """
-    host = app.fleet.link_host(request)
-    token = app.console_links.sign(host, validate_name(name), vm_dir, client_identity(ctx))
-    http = getattr(ctx.request_context, "request", None)
+    app = call.app
+    host = app.fleet.link_host(call.request)
+    token = app.console_links.sign(host, validate_name(name), vm_dir, client_identity(call.ctx))
+    http = getattr(call.ctx.request_context, "request", None)
     s = app.settings
     base = str(http.base_url).rstrip("/") if http is not None else f"http://{s.host}:{s.port}"
     return {"url": base + console_path(host, name, token), "expires_in": app.console_links.ttl}
 
 
-TOOL = ToolSpec("vm_console", vm_console, DESCRIPTION, ANNOTATIONS)
+TOOL = ToolSpec(
+    "vm_console",
+    vm_console,
+    DESCRIPTION,
+    ANNOTATIONS,
+    actions={
+        "read": Action("read"),
+        "screenshot": Action("read"),
+        "wait": Action("read"),
+        "send": Action("operate", audit="console-send"),
+        "keys": Action("operate", audit="console-keys"),
+        "type": Action("operate", audit="console-type"),
+        "web": Action("operate"),
+    },
+)

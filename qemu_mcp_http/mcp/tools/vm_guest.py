@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ...errors import InvalidInput
-from ...fleet.targets import HostRequest
-from ..confirm import GuestWriteConfirmation
-from ..context import AppContext
-from ._common import (
-    HostArg,
-    SshKeyArg,
-    SshPortArg,
-    SshPwdArg,
-    SshUserArg,
-    ToolResult,
-    ToolSpec,
-    VmDirArg,
-    audited_change,
-)
+from ..confirm import Asking, Decision, NotAsked
+from .call import Action, Call
+from .params import VmDirArg
+from .spec import ToolSpec
 
 __all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "vm_guest"]
 
@@ -37,14 +26,13 @@ ANNOTATIONS = ToolAnnotations(
     open_world_hint=False,
 )  # fmt: skip
 
-Action = Literal["exec", "read_file", "write_file", "info"]
+ActionName = Literal["exec", "read_file", "write_file", "info"]
 
 
 async def vm_guest(
+    call: Call,
     name: Annotated[str, Field(description="Name of the running VM")],
-    action: Annotated[Action, Field(description="exec, read_file, write_file or info")],
-    ctx: Context[AppContext, Any],
-    confirmation: GuestWriteConfirmation,
+    action: Annotated[ActionName, Field(description="exec, read_file, write_file or info")],
     command: Annotated[
         list[str] | str | None,
         Field(description="exec: argv list such as ['uname', '-a'], or a string run with /bin/sh -c"),
@@ -61,18 +49,9 @@ async def vm_guest(
     mode: Annotated[str | None, Field(description="write_file: octal mode set after writing, e.g. '0644'")] = None,
     append: Annotated[bool, Field(description="write_file: append instead of replacing")] = False,
     vm_dir: VmDirArg = None,
-    host: HostArg = "localhost",
-    ssh_port: SshPortArg = 22,
-    ssh_user: SshUserArg = None,
-    ssh_pwd: SshPwdArg = None,
-    ssh_key: SshKeyArg = None,
-) -> Annotated[CallToolResult, ToolResult]:
-    app = ctx.request_context.lifespan_context
-    request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
-    base: dict[str, Any] = {"host": request.display_name, "vm_name": name, "action": action}
-
+) -> CallToolResult:
     async def work() -> tuple[str, dict[str, Any]]:
-        async with app.vms(request, vm_dir, name=name) as vms:
+        async with call.app.vms(call.request, vm_dir, name=name) as vms:
             if action == "exec":
                 if command is None:
                     raise InvalidInput("command", "exec needs a command, e.g. ['uname', '-a'] or 'ls -l /'")
@@ -91,10 +70,33 @@ async def vm_guest(
 
     # The audit names the command or the file, never what goes in or out.
     shown = command if isinstance(command, str) else " ".join(command) if command else None
-    return await audited_change(
-        app, ctx, work(), base, confirmation=confirmation, host=request.display_name, vm=name,
-        action=f"guest-{action}", command=shown[:300] if shown else None, path=path,
-    )  # fmt: skip
+    base = call.base(vm_name=name, action=action)
+    return await call.run(work(), base, vm=name, command=shown[:300] if shown else None, path=path)
 
 
-TOOL = ToolSpec("vm_guest", vm_guest, DESCRIPTION, ANNOTATIONS)
+async def confirm_write(asking: Asking) -> Decision:
+    arguments = asking.arguments
+    name, path = arguments["name"], arguments.get("path")
+    if path is None:
+        return NotAsked("not destructive")
+    content, content_base64, append = arguments.get("content"), arguments.get("content_base64"), arguments["append"]
+    size = len(content.encode()) if content is not None else (len(content_base64 or "") * 3) // 4
+    how = "append about" if append else "replace the file with about"
+    text = f"Write to {path} in the guest of VM {name} {asking.where} ({how} {size} bytes)? An existing file's content "
+    text += "is kept and extended." if append else "is lost."
+    return await asking.ask(f"writing {path} in VM {name}", text)
+
+
+TOOL = ToolSpec(
+    "vm_guest",
+    vm_guest,
+    DESCRIPTION,
+    ANNOTATIONS,
+    actions={
+        "info": Action("read", audit="guest-info"),
+        "exec": Action("admin", audit="guest-exec"),
+        # read_file reads any guest file as root (keys, shadow): as exec.
+        "read_file": Action("admin", audit="guest-read_file"),
+        "write_file": Action("admin", audit="guest-write_file", confirm=confirm_write),
+    },
+)

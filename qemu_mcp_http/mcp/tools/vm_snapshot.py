@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import Context
 from mcp_types import CallToolResult, ToolAnnotations
 from pydantic import Field
 
 from ...errors import InvalidInput
-from ...fleet.targets import HostRequest
-from ..confirm import SnapshotConfirmation
-from ..context import AppContext
-from ._common import (
-    Changed,
-    HostArg,
-    SshKeyArg,
-    SshPortArg,
-    SshPwdArg,
-    SshUserArg,
-    ToolResult,
-    ToolSpec,
-    VmDirArg,
-    audited_change,
-    guarded,
-)
+from ..confirm import Asking, Decision, NotAsked
+from .call import Action, Call
+from .params import VmDirArg
+from .spec import ToolSpec
 
 __all__ = ["ANNOTATIONS", "DESCRIPTION", "TOOL", "vm_snapshot"]
 
@@ -41,14 +26,13 @@ ANNOTATIONS = ToolAnnotations(
     open_world_hint=False,
 )  # fmt: skip
 
-Action = Literal["create", "list", "revert", "delete"]
+ActionName = Literal["create", "list", "revert", "delete"]
 
 
 async def vm_snapshot(
+    call: Call,
     name: Annotated[str, Field(description="Name of the VM")],
-    action: Annotated[Action, Field(description="create, list, revert or delete")],
-    ctx: Context[AppContext, Any],
-    confirmation: SnapshotConfirmation,
+    action: Annotated[ActionName, Field(description="create, list, revert or delete")],
     snapshot: Annotated[
         str | None, Field(description="The snapshot's name (create: default snap-<UTC time>; revert/delete: required)")
     ] = None,
@@ -56,23 +40,11 @@ async def vm_snapshot(
         bool | None, Field(description="create: save RAM and device state too (default: true if the VM runs)")
     ] = None,
     vm_dir: VmDirArg = None,
-    host: HostArg = "localhost",
-    ssh_port: SshPortArg = 22,
-    ssh_user: SshUserArg = None,
-    ssh_pwd: SshPwdArg = None,
-    ssh_key: SshKeyArg = None,
-) -> Annotated[CallToolResult, ToolResult]:
-    app = ctx.request_context.lifespan_context
-    request = HostRequest(host, ssh_port, ssh_user, ssh_pwd, ssh_key)
-    base: dict[str, Any] = {"host": request.display_name, "vm_name": name, "action": action}
-
-    async def progress(elapsed: float, phase: str) -> None:
-        with contextlib.suppress(Exception):
-            note = json.dumps({"phase": phase, "elapsed_s": round(elapsed, 1)}, separators=(",", ":"))
-            await ctx.report_progress(round(elapsed, 1), None, note)
+) -> CallToolResult:
+    progress = call.progress(None)
 
     async def work() -> tuple[str, dict[str, Any]]:
-        async with app.vms(request, vm_dir, name=name) as vms:
+        async with call.app.vms(call.request, vm_dir, name=name) as vms:
             if action == "list":
                 found = await vms.snapshot_list(name)
                 return f"VM {name} has {len(found)} snapshot{'s' if len(found) != 1 else ''}", {"snapshots": found}
@@ -88,13 +60,38 @@ async def vm_snapshot(
             gone = await vms.snapshot_delete(name, snapshot, progress)
             return f"snapshot {snapshot} of VM {name} deleted", gone
 
-    if action == "list":
-        return await guarded(work(), base)
-    where = app.fleet.resource_host(request, vm_dir)
-    return await audited_change(
-        app, ctx, work(), base, confirmation=confirmation, changed=Changed(where, name) if where else None,
-        host=request.display_name, vm=name, action=f"snapshot-{action}", snapshot=snapshot,
-    )  # fmt: skip
+    base = call.base(vm_name=name, action=action)
+    return await call.run(work(), base, vm=name, vm_dir=vm_dir, snapshot=snapshot)
 
 
-TOOL = ToolSpec("vm_snapshot", vm_snapshot, DESCRIPTION, ANNOTATIONS)
+async def confirm_revert(asking: Asking) -> Decision:
+    name, snapshot = asking.arguments["name"], asking.arguments.get("snapshot")
+    if snapshot is None:
+        return NotAsked("not destructive")
+    text = (
+        f"Revert VM {name} {asking.where} to snapshot {snapshot}? What its disk (and, for a snapshot with memory, "
+        "its running state) holds since then is lost."
+    )
+    return await asking.ask(f"revert of snapshot {snapshot}", text)
+
+
+async def confirm_delete(asking: Asking) -> Decision:
+    name, snapshot = asking.arguments["name"], asking.arguments.get("snapshot")
+    if snapshot is None:
+        return NotAsked("not destructive")
+    text = f"Delete snapshot {snapshot} of VM {name} {asking.where}? It cannot be gone back to afterwards."
+    return await asking.ask(f"delete of snapshot {snapshot}", text)
+
+
+TOOL = ToolSpec(
+    "vm_snapshot",
+    vm_snapshot,
+    DESCRIPTION,
+    ANNOTATIONS,
+    actions={
+        "list": Action("read"),
+        "create": Action("operate", audit="snapshot-create", changes="vm"),
+        "revert": Action("operate", audit="snapshot-revert", confirm=confirm_revert, changes="vm"),
+        "delete": Action("admin", audit="snapshot-delete", confirm=confirm_delete, changes="vm"),
+    },
+)
