@@ -45,16 +45,20 @@ def qemu_argv(
     """
     d = definition
     argv = [qemu_binary(d.arch), "-name", f"guest={d.name},process=qemu-{d.name}"]
-    if d.arch == "x86_64":
-        argv += ["-machine", d.machine]
-    else:
-        argv += [
-            "-machine",
-            d.machine,
-            "-cpu",
-            "cortex-a57" if accel == "tcg" else "host",
-        ]
-    argv += [
+    argv += _machine(d, accel)
+    argv += _disks(d, paths, firmware)
+    argv += _network(d, forward_address)
+    argv += _channels(d, paths)
+    return argv
+
+
+def _machine(d: VMDefinition, accel: str) -> list[str]:
+    """Machine, CPU, accelerator, memory, vCPUs, identity; nothing QEMU would add by default."""
+    argv = ["-machine", d.machine]
+    if d.arch == "arm64":
+        argv += ["-cpu", "cortex-a57" if accel == "tcg" else "host"]
+    return [
+        *argv,
         "-accel", accel,
         "-m", f"{d.memory_mib}M",
         "-smp", str(d.vcpus),
@@ -62,6 +66,11 @@ def qemu_argv(
         "-nodefaults",
         "-no-user-config",
     ]  # fmt: skip
+
+
+def _disks(d: VMDefinition, paths: VMPaths, firmware: FirmwarePaths) -> list[str]:
+    """The UEFI flash (arm64), the disk, the ISO and the cloud-init seed: every one with its format named."""
+    argv: list[str] = []
     if d.arch == "arm64":
         argv += [
             "-drive", f"if=pflash,format=raw,readonly=on,file={firmware.code}",
@@ -93,8 +102,12 @@ def qemu_argv(
             "-drive", f"file={paths.seed},if=none,id=seed0,media=cdrom,readonly=on,format=raw",
             "-device", "scsi-cd,drive=seed0,bus=scsi-seed.0,id=seed-cd",
         ]  # fmt: skip
-    argv += _network(d, forward_address)
-    argv += [
+    return argv
+
+
+def _channels(d: VMDefinition, paths: VMPaths) -> list[str]:
+    """The balloon, and every way in: the guest agent, the serial console, the screen, QMP; daemonized."""
+    return [
         "-device", "virtio-balloon-pci,id=balloon0",
         # Guest agent channel: network statistics come from qemu-guest-agent when the guest runs it.
         "-chardev", f"socket,id=qga0,path={paths.qga_socket},server=on,wait=off",
@@ -112,7 +125,6 @@ def qemu_argv(
         "-pidfile", paths.pidfile,
         "-daemonize",
     ]  # fmt: skip
-    return argv
 
 
 def _network(d: VMDefinition, forward_address: str) -> list[str]:

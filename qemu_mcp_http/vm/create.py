@@ -18,6 +18,7 @@ from ..errors import (
     VMNotFound,
 )
 from ..guest.cloudinit import CloudInitConfig, build_seed_iso, hostname_for, parse_cloud_init
+from ..hosts.base import FileLock
 from ..net.ports import NetworkSpec, PortForward, check_ports_network, parse_network, parse_ports
 from ..storage.disks import DiskImages, ImageLayer, temp_name
 from .cleanup import CleanupOps
@@ -25,6 +26,7 @@ from .paths import UNIX_PATH_MAX, VMPaths
 from .spec import (
     GIB,
     DiskDefinition,
+    DiskSpec,
     VMDefinition,
     disk_format_for,
     format_size,
@@ -107,6 +109,23 @@ class GuestAccess:
         return GuestWanted(ports, network, cloud_init, clone)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a create makes, from its arguments, validated before anything is touched on the host."""
+
+    paths: VMPaths
+    name: str
+    wanted: GuestWanted
+    image: str | None
+    arch: Literal["x86_64", "arm64"]
+    memory_mib: int
+    vcpus: int
+    iso: str | None
+    disk: DiskSpec
+    disk_path: str
+    disk_format: Literal["qcow2", "raw"]
+
+
 class CreateOps:
     """create."""
 
@@ -129,6 +148,9 @@ class CreateOps:
 
         On any failure nothing is left behind: what the call made is removed, and only that.
         A create cut short by a crash leaves a journal that lets delete remove what it made.
+
+        :raise InvalidInput: an argument is malformed, beyond a limit, or names a path it may not.
+        :raise VMExists: the name is taken on the host.
         """
         s = self.vms.settings
         name = validate_name(name)
@@ -151,101 +173,136 @@ class CreateOps:
             if disk_spec.format == "raw":
                 raise InvalidInput("disk", "a linked clone is a qcow2 overlay; drop format=raw or use clone='full'")
             disk_format = "qcow2"
-        await self.vms.fence.check("vm_dir", self.vms.vm_dir)
-        if disk_spec.path is not None:
-            await self.vms.fence.check("disk", disk_path, own_dir=paths.directory)
-        if iso_path is not None:
-            await self.vms.check_iso(iso_path)
-        base = await self._image_source(access.image, paths) if access.image is not None else None
-        if base is not None and disk_spec.size_bytes is not None and disk_spec.size_bytes < base.layer.virtual_size:
+        plan = _Plan(
+            paths, name, wanted, access.image, arch_, memory_mib, vcpus_, iso_path, disk_spec, disk_path, disk_format
+        )
+        base = await self._check_on_host(plan)
+        vm_uuid = str(uuid.uuid4())
+        seed = wanted.seed(f"iid-{vm_uuid}", name)
+        async with self.vms.lock(plan.name) as lock:
+            await self._claim_directory(plan)
+            definition = await self._make(plan, base, vm_uuid, seed, lock)
+        return await self._created(plan, definition)
+
+    async def _make(
+        self, plan: _Plan, base: ImageSource | None, vm_uuid: str, seed: bytes | None, lock: FileLock
+    ) -> VMDefinition:
+        """Under the VM's lock, in its new directory: the journal, the seed, the disk, the UEFI variables, then
+        the definition; on any failure, what the journal says was made is removed (and only that)."""
+        paths, timeout = plan.paths, self.vms.settings.command_timeout
+        journal: dict[str, Any] = {"started_at": now()}
+        try:
+            await self._write_journal(paths, journal)
+            if seed is not None:
+                await self.vms.host.write_file(paths.seed, seed, timeout=timeout)
+            disk_def = await self._make_disk(plan, base, journal)
+            if plan.arch == "arm64":
+                await self.disks.prepare_efi_vars(paths.efi_vars)
+            definition = VMDefinition(
+                name=plan.name,
+                arch=plan.arch,
+                memory_mib=plan.memory_mib,
+                vcpus=plan.vcpus,
+                disk=disk_def,
+                iso=plan.iso,
+                uuid=vm_uuid,
+                mac=_random_mac(),
+                created_at=now(),
+                machine="q35" if plan.arch == "x86_64" else "virt",
+                ports=tuple(f.spec() for f in plan.wanted.ports),
+                network=plan.wanted.network.spec(),
+                cloud_init=plan.wanted.stored_cloud_init(f"iid-{vm_uuid}"),
+                image=base.record(plan.wanted.clone) if base is not None else None,
+            )
+            await self.vms.store.save(definition)
+            await self.vms.run("rm", "-f", "--", paths.journal)
+        except BaseException:
+            lock.discard()
+            await asyncio.shield(self._undo_create(paths, journal))
+            raise
+        return definition
+
+    async def _check_on_host(self, plan: _Plan) -> ImageSource | None:
+        """What the plan names on the host: the vm_dir, the disk and the ISO within the fence, the image it clones
+        (inspected; returned), and the name free on the whole host.
+
+        :raise InvalidInput: a path breaks the fence, or the image is not safe or smaller than the disk asked.
+        :raise VMExists: the name is taken on the host.
+        """
+        fence, paths = self.vms.fence, plan.paths
+        await fence.check("vm_dir", self.vms.vm_dir)
+        if plan.disk.path is not None:
+            await fence.check("disk", plan.disk_path, own_dir=paths.directory)
+        if plan.iso is not None:
+            await self.vms.check_iso(plan.iso)
+        base = await self._image_source(plan.image, paths) if plan.image is not None else None
+        size = plan.disk.size_bytes
+        if base is not None and size is not None and size < base.layer.virtual_size:
             raise InvalidInput(
                 "disk",
                 f"size= may only grow the image, which is {format_size(base.layer.virtual_size)}; "
                 "give a larger size or none",
             )
-        await self._check_unique_on_host(name)
-        vm_uuid = str(uuid.uuid4())
-        instance_id = f"iid-{vm_uuid}"
-        seed = wanted.seed(instance_id, name)
+        await self._check_unique_on_host(plan.name)
+        return base
 
-        async with self.vms.lock(name) as lock:
-            await self.vms.run("mkdir", "-p", "--", self.vms.vm_dir)
-            claimed = await self.vms.run("mkdir", "--", paths.directory, check=False)
-            if not claimed.succeeded:
-                if await self.vms.host.stat(paths.definition, timeout=s.command_timeout) is not None:
-                    raise VMExists(
-                        f"VM {name} already exists on {self.vms.host.name}; delete it first or use another name"
-                    )
-                raise VMExists(
-                    f"{paths.directory} already exists on {self.vms.host.name} but holds no VM definition "
-                    "(a create cut short? delete removes what it made); remove it or use another name"
-                )
-            journal: dict[str, Any] = {"started_at": now()}
+    async def _claim_directory(self, plan: _Plan) -> None:
+        """Make the VM's directory, which must not exist yet (under the VM's lock).
+
+        :raise VMExists: it exists (a VM, or what a create cut short left).
+        """
+        paths, host = plan.paths, self.vms.host
+        await self.vms.run("mkdir", "-p", "--", self.vms.vm_dir)
+        claimed = await self.vms.run("mkdir", "--", paths.directory, check=False)
+        if claimed.succeeded:
+            return
+        if await host.stat(paths.definition, timeout=self.vms.settings.command_timeout) is not None:
+            raise VMExists(f"VM {plan.name} already exists on {host.name}; delete it first or use another name")
+        raise VMExists(
+            f"{paths.directory} already exists on {host.name} but holds no VM definition "
+            "(a create cut short? delete removes what it made); remove it or use another name"
+        )
+
+    async def _make_disk(self, plan: _Plan, base: ImageSource | None, journal: dict[str, Any]) -> DiskDefinition:
+        """Attach the existing disk the plan names, or make a new one (empty, a linked clone or a copy of the
+        image) beside a temporary name recorded in the ``journal`` first, then its identity."""
+        s, host, path = self.vms.settings, self.vms.host, plan.disk_path
+        existing = await host.stat(path, timeout=s.command_timeout)
+        if existing is not None and base is not None:
+            raise InvalidInput("disk", f"{path} exists; a disk made from an image needs a new path")
+        if existing is not None:
+            own_dir = plan.paths.directory
+            return await self.disks.attach_existing(path, plan.disk.format, plan.disk.size_bytes, own_dir=own_dir)
+        parent = posixpath.dirname(path) or "/"
+        if await host.stat(parent, timeout=s.command_timeout) is None:
+            raise InvalidInput("disk", f"directory {parent} does not exist on {host.name}")
+        size = plan.disk.size_bytes or (base.layer.virtual_size if base else DEFAULT_DISK_BYTES)
+        journal.update(disk=path, tmp=temp_name(path))
+        await self._write_journal(plan.paths, journal)
+        tmp = journal["tmp"]
+        if base is None:
+            identity = await self.disks.create(path, plan.disk_format, size, tmp=tmp)
+        elif plan.wanted.clone == "linked":
+            identity = await self.disks.create_overlay(path, base.layer, size, tmp=tmp)
+        else:
+            copy_timeout = s.image_copy_timeout
+            identity = await self.disks.copy(path, plan.disk_format, base.layer, size, tmp=tmp, timeout=copy_timeout)
+        journal["identity"] = identity
+        await self._write_journal(plan.paths, journal)
+        return DiskDefinition(path, plan.disk_format, size, created_by_tool=True, identity=identity)
+
+    async def _created(self, plan: _Plan, definition: VMDefinition) -> dict[str, Any]:
+        """The answer's details; a VM outside the host's default vm_dir is added to its index (a failure there
+        only means calls must name the vm_dir, and the details say so)."""
+        vms = self.vms
+        details = {"vm_dir": vms.vm_dir, "directory": plan.paths.directory, **definition.summary()}
+        if vms.index is not None and vms.vm_dir != vms.index.default:
             try:
-                await self._write_journal(paths, journal)
-                if seed is not None:
-                    await self.vms.host.write_file(paths.seed, seed, timeout=s.command_timeout)
-                existing = await self.vms.host.stat(disk_path, timeout=s.command_timeout)
-                if existing is not None and base is not None:
-                    raise InvalidInput("disk", f"{disk_path} exists; a disk made from an image needs a new path")
-                if existing is not None:
-                    disk_def = await self.disks.attach_existing(
-                        disk_path, disk_spec.format, disk_spec.size_bytes, own_dir=paths.directory
-                    )
-                else:
-                    parent = posixpath.dirname(disk_path) or "/"
-                    if await self.vms.host.stat(parent, timeout=s.command_timeout) is None:
-                        raise InvalidInput("disk", f"directory {parent} does not exist on {self.vms.host.name}")
-                    size = disk_spec.size_bytes or (base.layer.virtual_size if base else DEFAULT_DISK_BYTES)
-                    journal.update(disk=disk_path, tmp=temp_name(disk_path))
-                    await self._write_journal(paths, journal)
-                    tmp = journal["tmp"]
-                    if base is None:
-                        identity = await self.disks.create(disk_path, disk_format, size, tmp=tmp)
-                    elif wanted.clone == "linked":
-                        identity = await self.disks.create_overlay(disk_path, base.layer, size, tmp=tmp)
-                    else:
-                        timeout = s.image_copy_timeout
-                        identity = await self.disks.copy(
-                            disk_path, disk_format, base.layer, size, tmp=tmp, timeout=timeout
-                        )
-                    journal["identity"] = identity
-                    await self._write_journal(paths, journal)
-                    disk_def = DiskDefinition(disk_path, disk_format, size, created_by_tool=True, identity=identity)
-                if arch_ == "arm64":
-                    await self.disks.prepare_efi_vars(paths.efi_vars)
-                definition = VMDefinition(
-                    name=name,
-                    arch=arch_,
-                    memory_mib=memory_mib,
-                    vcpus=vcpus_,
-                    disk=disk_def,
-                    iso=iso_path,
-                    uuid=vm_uuid,
-                    mac=_random_mac(),
-                    created_at=now(),
-                    machine="q35" if arch_ == "x86_64" else "virt",
-                    ports=tuple(f.spec() for f in wanted.ports),
-                    network=wanted.network.spec(),
-                    cloud_init=wanted.stored_cloud_init(instance_id),
-                    image=base.record(wanted.clone) if base is not None else None,
-                )
-                await self.vms.store.save(definition)
-                await self.vms.run("rm", "-f", "--", paths.journal)
-            except BaseException:
-                lock.discard()
-                await asyncio.shield(self._undo_create(paths, journal))
-                raise
-        details = {"vm_dir": self.vms.vm_dir, "directory": paths.directory, **definition.summary()}
-        if self.vms.index is not None and self.vms.vm_dir != self.vms.index.default:
-            try:
-                await self.vms.index.add(name, self.vms.vm_dir)
+                await vms.index.add(plan.name, vms.vm_dir)
             except QemuMcpError as exc:  # the VM exists; only finding it without vm_dir is at stake
-                log.warning("VM %s: not added to the index of %s: %s", name, self.vms.host.name, exc.message)
-                details["note"] = (
-                    f"calls must give vm_dir={self.vms.vm_dir} to find it (the host's index: {exc.message})"
-                )
-        if not disk_def.created_by_tool:
+                log.warning("VM %s: not added to the index of %s: %s", plan.name, vms.host.name, exc.message)
+                details["note"] = f"calls must give vm_dir={vms.vm_dir} to find it (the host's index: {exc.message})"
+        if not definition.disk.created_by_tool:
             details["disk_attached"] = "existing disk attached; delete will keep it"
         return details
 
