@@ -2,8 +2,8 @@
 
 ``host`` is ``localhost`` or a named host of the hosts file: a URI never carries credentials, so hosts
 given by address and password are not resources. The VMs are those of each host's default vm_dir.
-``resources/list`` is paged (the SDK's own handler has no cursor) and bounded; completion offers hosts and
-VM names. A token limited to some hosts sees and reads only those.
+``resources/list`` is paged (the SDK's own handler has no cursor) and bounded; completion (:mod:`.completions`)
+offers hosts and VM names. A token limited to some hosts sees and reads only those.
 """
 
 from __future__ import annotations
@@ -20,14 +20,9 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     INVALID_PARAMS,
-    Completion,
-    CompletionArgument,
-    CompletionContext,
     ListResourcesResult,
     PaginatedRequestParams,
-    PromptReference,
     Resource,
-    ResourceTemplateReference,
 )
 
 from ..access.grants import Grant
@@ -36,9 +31,10 @@ from ..fleet.changes import vm_uri
 from ..fleet.targets import HostRequest
 from ..vm.manager import VMManager
 from ..vm.spec import validate_name
+from .completions import Completions
 from .context import AppContext
 
-__all__ = ["PAGE_SIZE", "MAX_LISTED", "register_resources"]
+__all__ = ["PAGE_SIZE", "MAX_LISTED", "VMResources", "register_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -52,94 +48,88 @@ CURSOR_PREFIX = "vms:"
 
 def register_resources(server: MCPServer[AppContext], app: AppContext, grant: Callable[[], Grant]) -> None:
     """Templates, the paged list and completion, on ``server``; ``grant()`` is the current caller's grant."""
+    vms = VMResources(app, grant)
+    for uri, name, title, description, mime_type, read in (
+        (
+            "vm://{host}/{name}/console",
+            "vm_console",
+            "Serial console of a VM",
+            f"The last {CONSOLE_LINES} lines of the VM's serial console (escape sequences removed)",
+            "text/plain",
+            vms.console,
+        ),
+        ("vm://{host}/{name}/screen", "vm_screen", "Screen of a VM", "A PNG of the VM's screen (running VMs only)",
+         "image/png", vms.screen),
+        ("vm://{host}/{name}", "vm", "A VM",
+         "The VM's definition and state as list_vms shows it, with its snapshots and console size",
+         "application/json", vms.describe),
+    ):  # fmt: skip
+        server.resource(uri, name=name, title=title, description=description, mime_type=mime_type)(read)
+    server._lowlevel_server.add_request_handler("resources/list", PaginatedRequestParams, vms.list_page)
+    server.completion()(Completions(app, vms.reachable_hosts).complete)  # type: ignore[no-untyped-call]
 
-    def request_for(host: str) -> HostRequest:
-        if not host or host not in reachable_hosts():
+
+class VMResources:
+    """The ``vm://`` resources of the hosts the caller's grant reaches."""
+
+    def __init__(self, app: AppContext, grant: Callable[[], Grant]) -> None:
+        self.app = app
+        self.grant = grant
+
+    def reachable_hosts(self) -> list[str]:
+        """``localhost`` and the named hosts the caller may reach."""
+        caller = self.grant()
+        return [h for h in self.app.fleet.names() if caller.reaches(h)]
+
+    def request_for(self, host: str) -> HostRequest:
+        """:raise ResourceNotFoundError: not a host of the resources, or not one the caller may reach."""
+        if not host or host not in self.reachable_hosts():
             raise ResourceNotFoundError(
-                f"no host {host!r} here: resources cover localhost and the named hosts ({', '.join(reachable_hosts())})"
+                f"no host {host!r} here: resources cover localhost and the named hosts "
+                f"({', '.join(self.reachable_hosts())})"
             )
         return HostRequest() if host == "localhost" else HostRequest(host=host)
 
-    def reachable_hosts() -> list[str]:
-        caller = grant()
-        return [h for h in app.fleet.names() if caller.reaches(h)]
-
-    async def with_vms(host: str, name: str, work: Callable[[VMManager, str], Awaitable[Any]]) -> Any:
-        request = request_for(host)
+    async def _with_vms(self, host: str, name: str, work: Callable[[VMManager, str], Awaitable[Any]]) -> Any:
+        request = self.request_for(host)
         try:
             vm = validate_name(name)
-            async with app.vms(request, None, name=vm) as vms:
+            async with self.app.vms(request, None, name=vm) as vms:
                 return await work(vms, vm)
         except (VMNotFound, InvalidInput) as exc:
             raise ResourceNotFoundError(exc.message) from exc
         except QemuMcpError as exc:
             raise ResourceError(exc.message) from exc
 
-    @server.resource(
-        "vm://{host}/{name}/console",
-        name="vm_console",
-        title="Serial console of a VM",
-        description=f"The last {CONSOLE_LINES} lines of the VM's serial console (escape sequences removed)",
-        mime_type="text/plain",
-    )
-    async def console(host: str, name: str) -> str:
+    async def console(self, host: str, name: str) -> str:
         async def read(vms: VMManager, vm: str) -> str:
             text: str = (await vms.console_read(vm, CONSOLE_LINES, None, False))["text"]
             return text
 
-        result: str = await with_vms(host, name, read)
+        result: str = await self._with_vms(host, name, read)
         return result
 
-    @server.resource(
-        "vm://{host}/{name}/screen",
-        name="vm_screen",
-        title="Screen of a VM",
-        description="A PNG of the VM's screen (running VMs only)",
-        mime_type="image/png",
-    )
-    async def screen(host: str, name: str) -> bytes:
+    async def screen(self, host: str, name: str) -> bytes:
         async def shot(vms: VMManager, vm: str) -> bytes:
             _, png = await vms.console_screenshot(vm)
             return png
 
-        result: bytes = await with_vms(host, name, shot)
+        result: bytes = await self._with_vms(host, name, shot)
         return result
 
-    @server.resource(
-        "vm://{host}/{name}",
-        name="vm",
-        title="A VM",
-        description="The VM's definition and state as list_vms shows it, with its snapshots and console size",
-        mime_type="application/json",
-    )
-    async def vm(host: str, name: str) -> str:
-        async def describe(vms: VMManager, vm: str) -> dict[str, Any]:
-            definition = await vms.store.load(vm)
-            state = await vms.state_of(definition)
-            row = vms.row(definition, state)
-            row.update(host=host, vm_dir=vms.vm_dir, uri=vm_uri(host, vm))
-            disk = definition.disk
-            if disk.format == "qcow2" and disk.created_by_tool:
-                try:
-                    snapshots, _ = await vms.disk_snapshots(definition, state.status == "running")
-                    row["snapshots"] = snapshots
-                except QemuMcpError as exc:
-                    row["snapshots_error"] = exc.message
-            log_path = vms.store.paths(vm).console_log
-            _, size = await vms.host.read_range(log_path, offset=None, length=0, timeout=vms.settings.command_timeout)
-            row["console"] = {"uri": vm_uri(host, vm, "/console"), "next_offset": size}
-            if state.status == "running":
-                row["screen"] = {"uri": vm_uri(host, vm, "/screen")}
-            return row
+    async def describe(self, host: str, name: str) -> str:
+        async def row(vms: VMManager, vm: str) -> dict[str, Any]:
+            return await _vm_row(vms, host, vm)
 
-        return json.dumps(await with_vms(host, name, describe), separators=(",", ":"))
+        return json.dumps(await self._with_vms(host, name, row), separators=(",", ":"))
 
     async def list_page(
-        ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+        self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
     ) -> ListResourcesResult:
+        """``resources/list``, a page of :data:`PAGE_SIZE` at a time."""
         cursor = params.cursor if params is not None else None
         start = _parse_cursor(cursor)
-        everything = await _catalogue(app, reachable_hosts())
+        everything = await _catalogue(self.app, self.reachable_hosts())
         if start > len(everything):
             raise MCPError(code=INVALID_PARAMS, message="the cursor is past the end of the list; list again")
         page = everything[start : start + PAGE_SIZE]
@@ -148,33 +138,26 @@ def register_resources(server: MCPServer[AppContext], app: AppContext, grant: Ca
             resources=page, next_cursor=f"{CURSOR_PREFIX}{end}" if end < len(everything) else None
         )
 
-    server._lowlevel_server.add_request_handler("resources/list", PaginatedRequestParams, list_page)
 
-    async def complete(
-        ref: ResourceTemplateReference | PromptReference,
-        argument: CompletionArgument,
-        context: CompletionContext | None,
-    ) -> Completion | None:
-        if not isinstance(ref, ResourceTemplateReference) or not ref.uri.startswith("vm://"):
-            return None
-        prefix = argument.value
-        if argument.name == "host":
-            values = [h for h in reachable_hosts() if h.startswith(prefix)]
-        elif argument.name == "name":
-            host = ((context.arguments if context else None) or {}).get("host") or "localhost"
-            if host not in reachable_hosts():
-                return Completion(values=[], total=0, has_more=False)
-            try:
-                async with app.vms(request_for(host), None) as vms:
-                    scanned, _, _ = await vms.store.scan()
-            except QemuMcpError:
-                return Completion(values=[], total=0, has_more=False)
-            values = sorted(d.name for d, _ in scanned if d.name.startswith(prefix))
-        else:
-            return None
-        return Completion(values=values[:100], total=len(values), has_more=len(values) > 100)
-
-    server.completion()(complete)  # type: ignore[no-untyped-call]  # the SDK's decorator is unannotated
+async def _vm_row(vms: VMManager, host: str, vm: str) -> dict[str, Any]:
+    """The VM's resource: its list_vms row, its snapshots, the size of its console log, and its other views."""
+    definition = await vms.store.load(vm)
+    state = await vms.state_of(definition)
+    row = vms.row(definition, state)
+    row.update(host=host, vm_dir=vms.vm_dir, uri=vm_uri(host, vm))
+    disk = definition.disk
+    if disk.format == "qcow2" and disk.created_by_tool:
+        try:
+            snapshots, _ = await vms.disk_snapshots(definition, state.status == "running")
+            row["snapshots"] = snapshots
+        except QemuMcpError as exc:
+            row["snapshots_error"] = exc.message
+    log_path = vms.store.paths(vm).console_log
+    _, size = await vms.host.read_range(log_path, offset=None, length=0, timeout=vms.settings.command_timeout)
+    row["console"] = {"uri": vm_uri(host, vm, "/console"), "next_offset": size}
+    if state.status == "running":
+        row["screen"] = {"uri": vm_uri(host, vm, "/screen")}
+    return row
 
 
 def _parse_cursor(cursor: str | None) -> int:

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from mcp.server.auth.settings import AuthSettings
@@ -21,6 +22,7 @@ from pydantic import AnyHttpUrl, ValidationError
 from ..access.grants import Grant, current_grant
 from ..access.secret import derive_key, load_shared_secret
 from ..access.tokens import SCOPE, StaticTokenVerifier, load_tokens
+from ..config import Settings
 from ..console.links import ConsoleLinks
 from ..fleet.bus import RedisSubscriptionBus
 from ..fleet.changes import ChangeFeed, VMFingerprint, Watcher
@@ -123,59 +125,17 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         # Any replica must open what another sealed (a multi-round call's state) or signed (console links).
         extra["request_state_security"] = RequestStateSecurity(keys=[derive_key(secret, "request-state")])
         app_context.console_links = ConsoleLinks(derive_key(secret, "console-links"))
-    redis_bus = RedisSubscriptionBus(settings.redis_url) if settings.redis_url else None
-    if redis_bus is not None:
-        app_context.changes = ChangeFeed(redis_bus)
+    redis_bus = _watch_changes(app_context, tokens)
     feed = app_context.changes
-
-    def may_watch(host: str) -> bool:
-        return current_grant(tokens).reaches(host)
-
-    feed.may_watch = may_watch
-    watcher = Watcher(
-        feed,
-        functools.partial(_fingerprints, app_context),
-        app_context.fleet.names,
-        local_interval=settings.watch_interval,
-        remote_interval=settings.watch_remote_interval,
-    )
-    app_context.watcher = watcher
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
-        async with app_context:
-            tasks = [asyncio.create_task(feed.run()), asyncio.create_task(watcher.run())]
-            if redis_bus is not None:
-                tasks.append(asyncio.create_task(redis_bus.run()))
-            try:
-                yield app_context
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                if redis_bus is not None:
-                    await redis_bus.aclose()
-                await app_context.shared.aclose()
-
-    auth: dict[str, Any] = {}
-    if tokens:
-        auth = {
-            "token_verifier": StaticTokenVerifier(tokens),
-            "auth": AuthSettings(
-                issuer_url=AnyHttpUrl(f"http://{settings.host}:{settings.port}"),
-                resource_server_url=None,
-                required_scopes=[SCOPE],
-            ),
-        }
     server = QemuMCPServer(
         name="qemu-mcp-http",
         version=__version__,
         instructions="Manage QEMU virtual machines on this host or on remote hosts over SSH. The VMs are also "
         "resources (vm://{host}/{name}, /console, /screen) with change notifications.",
-        lifespan=lifespan,
+        lifespan=_lifespan(app_context, redis_bus),
         subscriptions=feed.bus,
         middleware=[feed.listen_middleware, *([] if settings.stateless else [_advertise_list_changed])],
-        **auth,
+        **_auth(settings, tokens),
         **extra,
     )
     for spec in TOOLS:
@@ -194,6 +154,70 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         low.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, feed.on_unsubscribe)
     register_resources(server, app_context, lambda: current_grant(tokens))
     return server
+
+
+def _watch_changes(app_context: AppContext, tokens: dict[str, Grant]) -> RedisSubscriptionBus | None:
+    """The change feed of the resources (over Redis with ``--redis-url``) and its watcher, set on
+    ``app_context``; a listener hears only of the hosts its token reaches. Returns the Redis bus, if any."""
+    settings = app_context.settings
+    redis_bus = RedisSubscriptionBus(settings.redis_url) if settings.redis_url else None
+    if redis_bus is not None:
+        app_context.changes = ChangeFeed(redis_bus)
+    feed = app_context.changes
+
+    def may_watch(host: str) -> bool:
+        return current_grant(tokens).reaches(host)
+
+    feed.may_watch = may_watch
+    app_context.watcher = Watcher(
+        feed,
+        functools.partial(_fingerprints, app_context),
+        app_context.fleet.names,
+        local_interval=settings.watch_interval,
+        remote_interval=settings.watch_remote_interval,
+    )
+    return redis_bus
+
+
+def _lifespan(
+    app_context: AppContext, redis_bus: RedisSubscriptionBus | None
+) -> Callable[[MCPServer[AppContext]], AbstractAsyncContextManager[AppContext]]:
+    """The MCP server's lifespan: the feed, its watcher and the Redis bus run while it serves; on the way out they
+    stop, then the operations under way finish and the connections close (the VMs keep running)."""
+    feed, watcher = app_context.changes, app_context.watcher
+    assert watcher is not None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
+        async with app_context:
+            tasks = [asyncio.create_task(feed.run()), asyncio.create_task(watcher.run())]
+            if redis_bus is not None:
+                tasks.append(asyncio.create_task(redis_bus.run()))
+            try:
+                yield app_context
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if redis_bus is not None:
+                    await redis_bus.aclose()
+                await app_context.shared.aclose()
+
+    return lifespan
+
+
+def _auth(settings: Settings, tokens: dict[str, Grant]) -> dict[str, Any]:
+    """The SDK's bearer-token guard (401 without a valid token), when there are tokens."""
+    if not tokens:
+        return {}
+    return {
+        "token_verifier": StaticTokenVerifier(tokens),
+        "auth": AuthSettings(
+            issuer_url=AnyHttpUrl(f"http://{settings.host}:{settings.port}"),
+            resource_server_url=None,
+            required_scopes=[SCOPE],
+        ),
+    }
 
 
 async def _fingerprints(app: AppContext, host: str) -> dict[str, VMFingerprint]:
