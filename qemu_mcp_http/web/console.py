@@ -34,6 +34,7 @@ import socket
 import string
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -186,23 +187,46 @@ def console_routes(
     a filter on uvicorn's request loggers that shows ``token=[redacted]`` (once per process).
     """
     _redact_request_logs()
-    origins, hosts = tuple(allowed_origins), tuple(allowed_hosts)
-    bad_token = _BAD_TOKEN.format(ttl=links.ttl)
+    console = _Console(
+        links, open_vnc, novnc_dir, tuple(allowed_origins), tuple(allowed_hosts), io_timeout, idle_timeout
+    )
+    return [
+        Route("/console/static/{path:path}", console.static, methods=["GET", "HEAD"]),
+        Route("/console/{host}/{vm}", console.page, methods=["GET", "HEAD"]),
+        WebSocketRoute("/console/{host}/{vm}/ws", console.websocket),
+    ]
 
-    async def page(request: Request) -> Response:
-        problem = header_problem(request.headers, hosts, origins)
+
+@dataclass(frozen=True)
+class _Console:
+    """The handlers of :func:`console_routes` (its docstring says what each argument means)."""
+
+    links: ConsoleLinks
+    open_vnc: OpenVnc
+    novnc_dir: str
+    origins: tuple[str, ...]
+    hosts: tuple[str, ...]
+    io_timeout: float
+    idle_timeout: float
+
+    @property
+    def bad_token(self) -> str:
+        return _BAD_TOKEN.format(ttl=self.links.ttl)
+
+    async def page(self, request: Request) -> Response:
+        problem = header_problem(request.headers, self.hosts, self.origins)
         if problem is not None:
             return _refusal(421 if "Host" in problem else 403, problem)
         host, vm = request.path_params["host"], request.path_params["vm"]
-        if links.verify(request.query_params.get("token", ""), host, vm) is None:
-            return _refusal(403, bad_token)
-        async with asyncio.timeout(io_timeout):
-            installed = await asyncio.to_thread(_novnc_installed, novnc_dir)
+        if self.links.verify(request.query_params.get("token", ""), host, vm) is None:
+            return _refusal(403, self.bad_token)
+        async with asyncio.timeout(self.io_timeout):
+            installed = await asyncio.to_thread(_novnc_installed, self.novnc_dir)
         if not installed:
-            log.error("web console: noVNC is not installed at %s (no %s)", novnc_dir, _RFB_MODULE)
+            log.error("web console: noVNC is not installed at %s (no %s)", self.novnc_dir, _RFB_MODULE)
             return _refusal(
                 503,
-                f"The web console is not available: noVNC is not installed on this server ({novnc_dir}); "
+                f"The web console is not available: noVNC is not installed on this server ({self.novnc_dir}); "
                 "the operator can install Debian's novnc package or set the noVNC directory.",
             )
         nonce = secrets.token_urlsafe(18)
@@ -211,65 +235,63 @@ def console_routes(
         body = _PAGE.substitute(nonce=nonce, title=f"{label} - console", label=label)
         return HTMLResponse(body, headers=_page_headers(nonce))
 
-    async def static(request: Request) -> Response:
-        async with asyncio.timeout(io_timeout):
-            found = await asyncio.to_thread(_static_file, novnc_dir, request.path_params["path"])
+    async def static(self, request: Request) -> Response:
+        async with asyncio.timeout(self.io_timeout):
+            found = await asyncio.to_thread(_static_file, self.novnc_dir, request.path_params["path"])
         if found is None:
             return _refusal(404, "Not found")
         path, media_type = found
         headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
         return FileResponse(path, media_type=media_type, headers=headers)
 
-    async def websocket(ws: WebSocket) -> None:
+    async def websocket(self, ws: WebSocket) -> None:
+        """The VNC stream of a granted console; refused (with the reason as the close reason) otherwise."""
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "unknown"
-        problem = header_problem(ws.headers, hosts, origins)
+        problem = header_problem(ws.headers, self.hosts, self.origins)
         if problem is not None:
             log.warning("web console: refused the WebSocket of %s: %s", peer, problem)
             # Refused before the handshake: the client gets an HTTP 403 (a browser shows no body of a refused
             # handshake anyway; and uvicorn's websockets-sansio logs a denial response as an error).
-            async with asyncio.timeout(io_timeout):
+            async with asyncio.timeout(self.io_timeout):
                 await ws.close(code=_CLOSE_POLICY, reason=problem)
             return
         host, vm = ws.path_params["host"], ws.path_params["vm"]
         subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", ()) else None
-        grant = links.verify(ws.query_params.get("token", ""), host, vm)
-        async with asyncio.timeout(io_timeout):
+        grant = self.links.verify(ws.query_params.get("token", ""), host, vm)
+        async with asyncio.timeout(self.io_timeout):
             # Accept first, even to refuse: only an open WebSocket can tell the page why it closes.
             await ws.accept(subprotocol=subprotocol)
         if grant is None:
             log.warning("web console: refused the WebSocket of %s for %s on %s: bad or expired token", peer, vm, host)
-            await _close(ws, _CLOSE_POLICY, bad_token, io_timeout)
+            await _close(ws, _CLOSE_POLICY, self.bad_token, self.io_timeout)
             return
-        code, reason = _CLOSE_ERROR, "the console closed"
+        code, reason = await self._serve(ws, grant, peer)
+        await _close(ws, code, reason, self.io_timeout)
+
+    async def _serve(self, ws: WebSocket, grant: ConsoleGrant, peer: str) -> tuple[int, str]:
+        """Open the VM's VNC socket and pump it until a side closes; the close code and reason for the browser."""
+        vm, host = grant.vm, grant.host
         async with contextlib.AsyncExitStack() as stack:
             try:
-                async with asyncio.timeout(io_timeout):
-                    opening = open_vnc(grant)
+                async with asyncio.timeout(self.io_timeout):
+                    opening = self.open_vnc(grant)
                     if isinstance(opening, AbstractAsyncContextManager):
                         sock = await stack.enter_async_context(opening)
                     else:
                         sock = await opening
             except TimeoutError:
-                reason = f"the VNC socket of {vm} did not open in {io_timeout:g} s"
-                await _close(ws, _CLOSE_ERROR, reason, io_timeout)
-                return
+                return _CLOSE_ERROR, f"the VNC socket of {vm} did not open in {self.io_timeout:g} s"
             except QemuMcpError as exc:
                 log.warning("web console: cannot open the VNC socket of %s on %s: %s", vm, host, exc.message)
-                await _close(ws, _CLOSE_ERROR, f"cannot reach the display of {vm}: {exc.message}", io_timeout)
-                return
+                return _CLOSE_ERROR, f"cannot reach the display of {vm}: {exc.message}"
             stack.callback(sock.close)
             log.info("web console: %s on %s opened for %s (%s)", vm, host, grant.client, peer)
+            code, reason = _CLOSE_ERROR, "the console closed"
             try:
-                code, reason = await _pump(ws, sock, io_timeout, idle_timeout)
+                code, reason = await _pump(ws, sock, self.io_timeout, self.idle_timeout)
             finally:
                 log.info("web console: %s on %s closed for %s (%s): %s", vm, host, grant.client, peer, reason)
-        await _close(ws, code, reason, io_timeout)
-
-    return [
-        Route("/console/static/{path:path}", static, methods=["GET", "HEAD"]),
-        Route("/console/{host}/{vm}", page, methods=["GET", "HEAD"]),
-        WebSocketRoute("/console/{host}/{vm}/ws", websocket),
-    ]
+        return code, reason
 
 
 async def _close(ws: WebSocket, code: int, reason: str, timeout: float) -> None:
