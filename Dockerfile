@@ -36,27 +36,23 @@ RUN python3 -m venv /opt/qemu-mcp-http \
     && chmod 0755 /usr/local/bin/venv-pip
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore PIP_DEFAULT_TIMEOUT=120
 
-# requirements: the dependency list alone, out of pyproject.toml.  The builder copies this file, and a
-# copy is cached by its content: edits elsewhere in pyproject.toml or in the code reuse the dependency layer.
-FROM python AS requirements
-COPY pyproject.toml /src/
-RUN python3 -c 'import tomllib; print(*tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
-    >/requirements.txt
-
-# builder: the dependencies, then the package, into the venv; copied whole into the runtime stage (same
-# Debian, same /usr/bin/python3, same path), so no pip, wheel cache or build tooling reaches the final image.
+# builder: the locked dependencies (requirements/runtime.txt, every file checked against its hash), then the
+# package, into the venv; copied whole into the runtime stage (same Debian, same /usr/bin/python3, same path),
+# so no pip, wheel cache or build tooling reaches the final image.  The lock is copied alone first: a layer is
+# cached by its inputs, so edits to the code reuse the dependency layer.
 FROM python AS builder
-COPY --from=requirements /requirements.txt /src/requirements.txt
+COPY requirements/runtime.txt /src/requirements/runtime.txt
 RUN --mount=type=secret,id=pip_ca,required=false \
     --mount=type=secret,id=pip_conf,required=false \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    venv-pip install -r /src/requirements.txt
+    venv-pip install --require-hashes -r /src/requirements/runtime.txt
 COPY pyproject.toml README.md /src/
 COPY qemu_mcp_http /src/qemu_mcp_http
+# The package alone, built with the locked setuptools (no build isolation: nothing unpinned is fetched).
 RUN --mount=type=secret,id=pip_ca,required=false \
     --mount=type=secret,id=pip_conf,required=false \
     --mount=type=cache,target=/root/.cache/pip,sharing=locked \
-    venv-pip install --no-deps /src \
+    venv-pip install --no-deps --no-build-isolation /src \
     && venv-pip uninstall -y -q pip setuptools \
     && /opt/qemu-mcp-http/bin/qemu-mcp-http --help >/dev/null
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what qemu-mcp-http needs on Debian/Ubuntu, then the package into ./.venv.
+# Install what qemu-mcp-http needs on Debian/Ubuntu, then the locked dependencies and the package into ./.venv.
 #   scripts/setup.sh          server only
 #   scripts/setup.sh --test   plus what the tests need (sshd, guest image tools, test extras)
 # Idempotent: packages already present are not reinstalled.
@@ -44,9 +44,14 @@ python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+# Exactly the lock (requirements/*.txt, made by scripts/lock from pyproject.toml), every file checked against its
+# hash: a release made since the lock cannot change what gets installed.  Then the package itself, built with the
+# locked setuptools (no build isolation: nothing unpinned is fetched).
+lock=requirements/runtime.txt
 if ((want_tests)); then
-    .venv/bin/python -m pip install -q -e '.[test]'
-else
-    .venv/bin/python -m pip install -q -e .
+    lock=requirements/test.txt
 fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r "$lock"
+# (setuptools warns about every editable install in its default mode; that warning says nothing about this one.)
+PYTHONWARNINGS="ignore:Editable installation" \
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
