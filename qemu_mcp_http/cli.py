@@ -10,6 +10,8 @@ from types import FrameType
 
 import uvicorn
 
+from .app import build_app
+from .check import run_checks
 from .config import is_loopback, parse_invocation
 from .observability import configure_logging
 
@@ -24,26 +26,16 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve; or, with ``--check``, report whether the server can run here (exit 0 usable, 1 not)."""
     invocation = parse_invocation(argv)  # --help, --version and malformed flags exit here
-    # Logging first, then the rest of the server: what importing its dependencies warns about is then logged in
-    # the chosen format (a JSON log stays JSON; e.g. cryptography 51 warns when asyncssh loads its DSA support).
     if invocation.check:
         configure_logging("ERROR", "text")  # the report says it all; the probe's own lines would repeat it
-        from .check import run_checks
-
         return run_checks(invocation, sys.stdout)
     try:
         settings = invocation.settings()
-    except ValueError as exc:
-        print(f"qemu-mcp-http: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    from .app import build_app
-
-    try:
         app = build_app(settings)
     except ValueError as exc:
         print(f"qemu-mcp-http: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level, settings.log_format)
     if not is_loopback(settings.host) and not (settings.token or settings.token_file):
         log.warning(
             "serving %s WITHOUT authentication (--allow-unauthenticated): anyone who can connect controls VMs",

@@ -90,7 +90,6 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
     handler.addFilter(_CallContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    logging.captureWarnings(True)  # Python's warnings become log lines (logger py.warnings), in the same format
     if level != "DEBUG":
         # asyncssh logs every channel (with its command line) at INFO: noise for an operator.
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
