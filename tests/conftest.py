@@ -16,6 +16,7 @@ import pytest
 
 from .cloud_image import cloud_image  # noqa: F401 - session fixtures, registered once here
 from .debian import debian_pair  # noqa: F401
+from .fakehost import fake_host, fake_vms  # noqa: F401
 from .guest_image import guest_isos  # noqa: F401
 from .inprocess import inproc, inproc_tools, inproc_vm_name  # noqa: F401
 from .sshd import remote_server_fixture, sshd_fixture  # noqa: F401

@@ -6,50 +6,25 @@ The real-QEMU tests stay; these add the branches that are slow or awkward to rea
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from qemu_mcp_http.config import Settings
 from qemu_mcp_http.errors import InvalidInput, QemuError, VMNotFound
 from qemu_mcp_http.vm import store
-from qemu_mcp_http.vm.fence import Fence, FenceRules
 from qemu_mcp_http.vm.manager import VMManager
-from qemu_mcp_http.vm.qmp import QMPPool
-from qemu_mcp_http.vm.shared import SharedState
-from qemu_mcp_http.vm.vmdir import VMDir
 
-from .fakehost import FakeHost, FakeImage
-
-VM_DIR = "/vms"
-#: Short waits: a fake VM that ignores the power button costs this much of a test, not 30 s.
-QUICK = 0.2
+from .fakehost import QUICK, VM_DIR, FakeHost, FakeImage
 
 
 @pytest.fixture
-async def host() -> AsyncIterator[FakeHost]:
-    fake = FakeHost()
-    fake.mkdirs(VM_DIR)
-    fake.mkdirs("/data")
-    fake.put("/usr/share/AAVMF/AAVMF_VARS.fd", b"vars")
-    try:
-        yield fake
-    finally:
-        await fake.aclose()
+def host(fake_host: FakeHost) -> FakeHost:
+    return fake_host
 
 
 @pytest.fixture
-async def vms(host: FakeHost) -> AsyncIterator[VMManager]:
-    settings = Settings(vm_dir=VM_DIR, accel="tcg", allowed_roots=("/",), qmp_timeout=1.0)
-    shared = SharedState(qmp=QMPPool(idle_timeout=0.05))
-    fence = Fence(host, FenceRules(roots=("/",)), settings.command_timeout)
-    manager = VMManager(VMDir(host, VM_DIR, settings, shared, fence))
-    manager.power.quit_wait = QUICK
-    try:
-        yield manager
-    finally:
-        await shared.aclose()
+def vms(fake_vms: VMManager) -> VMManager:
+    return fake_vms
 
 
 def definition(host: FakeHost, name: str) -> dict[str, Any]:
