@@ -47,7 +47,7 @@ def build_app(settings: Settings) -> Starlette:
         host=settings.host,
         max_request_body_size=settings.max_request_bytes,
         stateless_http=settings.stateless,
-        # Host/Origin are checked by HeaderGuard for the whole app (see security.py).
+        # Host/Origin are checked by HeaderGuard for the whole app (see access/headers.py).
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
     if settings.stateless:

@@ -21,7 +21,7 @@ SCOPE = "qemu"
 
 def load_tokens(settings: Settings) -> dict[str, Grant]:
     """``{token: grant}`` from ``token`` (admin) and ``token_file``: lines ``token`` (admin) or
-    ``client-id token [read|operate|admin] [hosts=a,b] [confirm=elicit|require|never]`` (see :mod:`.scopes`).
+    ``client-id token [read|operate|admin] [hosts=a,b] [confirm=elicit|require|never]`` (see :mod:`.grants`).
 
     :raise ValueError: the token file cannot be read, holds no token or a malformed line (the message names
         the line, never a token).

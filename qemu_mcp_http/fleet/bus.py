@@ -2,7 +2,7 @@
 
 ``publish`` sends an event to the Redis channel only; :meth:`RedisSubscriptionBus.run` (a task of the server's
 lifespan) feeds every message of the channel, this replica's own included, to the local listeners (the SDK's
-listen streams and :class:`~qemu_mcp_http.changes.ChangeFeed`'s 2025 sessions). Publishing locally as well
+listen streams and :class:`~qemu_mcp_http.fleet.changes.ChangeFeed`'s 2025 sessions). Publishing locally as well
 would deliver twice. Redis pub/sub keeps nothing: a replica that was away misses what was published meanwhile,
 as a client whose listen stream dropped does (it lists again).
 

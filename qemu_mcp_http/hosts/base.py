@@ -190,8 +190,9 @@ class Host(abc.ABC):
     async def scan_subdirs(
         self, directory: str, filenames: Sequence[str], *, pidfile: str, timeout: float
     ) -> dict[str, SubdirFiles]:
-        """Every subdirectory of ``directory`` (dot names skipped) with its small files ``filenames``,
-        and the command line of the process whose pid its ``pidfile`` holds: ``list_vms`` in one go.
+        """Every subdirectory of ``directory`` (dot names skipped) with its small files ``filenames``, and the
+        command line (``/proc/<pid>/cmdline``) of the process whose pid the file ``pidfile`` holds (a Unix pid
+        file: which process it names is the host's to say, in the same read).
 
         This default composes the primitives (a few batched reads); remote hosts override it
         with a single round trip.

@@ -5,7 +5,7 @@ QEMU never probes a format here: every ``-drive`` names one, and an image is acc
 opened before it has been checked (``--backing-chain`` would open every backing file first).  A chain is
 refused when it holds a format other than qcow2/raw, a backing file whose format is not recorded in
 the image (QEMU would probe it, and a guest can write any header into a raw disk), a reference that is
-not a plain path (``json:``, ``nbd:``, ...), or a file outside the fence (see :mod:`.fence`).
+not a plain path (``json:``, ``nbd:``, ...), or a file outside the fence (see :mod:`..vm.fence`).
 
 ``qemu-img info`` runs without ``-U``: an image that a running QEMU is writing is refused ("in use"),
 which also closes the window between this check and QEMU opening the image (QEMU's image locking

@@ -1,7 +1,7 @@
 """QMP sessions on a VM's socket, through the host seam (local socket or SSH channel).
 
 qemu.qmp has no timeouts of its own, so every call here is bounded by
-``asyncio.wait_for``; its errors are mapped into :mod:`.errors`.
+``asyncio.wait_for``; its errors are mapped into :mod:`..errors`.
 """
 
 from __future__ import annotations
