@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fleet", ("fleet",)),
     ("access", ("access",)),
     ("vm core", ("vm",)),
-    ("capabilities", ("guest", "console", "storage", "net", "monitoring", "images", "networks")),
+    ("capabilities", ("guest", "console", "storage", "net", "monitoring")),
     (
         "vm operations",
         ("vm.manager", "vm.create", "vm.power", "vm.delete", "vm.modify", "vm.cleanup", "migrate", "supervise"),
