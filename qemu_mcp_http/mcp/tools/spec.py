@@ -1,7 +1,8 @@
 """A tool as the server registers it, declared in one place: its body, its description and annotations, and its
 actions, each with the scope it needs, whether it is audited, the question the user confirms and the resource it
-changes. A new tool is one module (a body and its ``TOOL = ToolSpec(...)``) plus one line in :data:`.TOOLS`; a
-new action is one entry of its tool's ``actions`` (and one word in its ``action`` parameter, checked here).
+changes. A new tool is one module (a body and its ``TOOL = ToolSpec(...)``) plus one line in
+:data:`~qemu_mcp_http.mcp.tools.TOOLS`; a new action is one entry of its tool's ``actions`` (and one word in its
+``action`` parameter, checked here).
 
 The body is ``async def tool(call: Call, <its own parameters>)``; registration gives the SDK a function of the
 same parameters followed by the MCP context, the ``confirmation`` (when an action asks one) and the host
