@@ -18,6 +18,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 
 from .changes import ChangeFeed, Watcher
 from .config import Settings
+from .cpu import CpuPool
 from .errors import CredentialUnusable, InvalidInput, SocketUnavailable, VMStateError
 from .hosts.base import Host
 from .hosts.local import LocalHost
@@ -67,9 +68,12 @@ class AppContext:
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
         self.shared.qmp.idle_timeout = self.settings.qmp_idle_hold
+        cpu = self.shared.cpu = CpuPool(self.settings.cpu_workers, self.settings.pattern_cpu_per_client)
         self.ssh = SSHPool(PoolLimits.from_settings(self.settings))
         streams = self.shared.monitor_streams
-        self.metrics = Metrics(pool=self.ssh.snapshot, monitor_streams=lambda: streams.running)
+        self.metrics = Metrics(
+            pool=self.ssh.snapshot, monitor_streams=lambda: streams.running, cpu_seconds=lambda: cpu.cpu_seconds
+        )
         self.named_hosts = load_named_hosts(self.settings.ssh_hosts_file)
         self.host_groups = load_host_groups(self.settings.ssh_hosts_file, self.named_hosts)
 

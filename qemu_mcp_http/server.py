@@ -138,7 +138,11 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with app_context:
-            tasks = [asyncio.create_task(feed.run()), asyncio.create_task(watcher.run())]
+            tasks = [
+                asyncio.create_task(feed.run()),
+                asyncio.create_task(watcher.run()),
+                asyncio.create_task(app_context.metrics.sample_loop_lag()),
+            ]
             if redis_bus is not None:
                 tasks.append(asyncio.create_task(redis_bus.run()))
             try:

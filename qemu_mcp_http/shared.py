@@ -1,5 +1,5 @@
 """State shared by every call of one server: per-VM locks, QMP connections, the accelerator probe's
-verdicts, monitor streams, host facts and the shutdown signal."""
+verdicts, monitor streams, host facts, the CPU pool and the shutdown signal."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from .cpu import CpuPool
 from .errors import OperationTimeout
 from .qga import AgentPool
 from .qmp import QMPPool
@@ -26,14 +27,17 @@ class SharedState:
     monitor_streams: StreamLimiter = field(default_factory=StreamLimiter)
     qmp: QMPPool = field(default_factory=QMPPool)
     agents: AgentPool = field(default_factory=AgentPool)
+    #: Worker threads for CPU work on client or guest input (sized from the settings by AppContext).
+    cpu: CpuPool = field(default_factory=lambda: CpuPool(workers=2, client_seconds=30.0))
     shutdown: ShutdownSignal = field(default_factory=ShutdownSignal)
     #: Facts of a host that do not change while the server runs (clock tick, CPU count), by host identity.
     host_facts: dict[tuple[str, str], object] = field(default_factory=dict)
 
     async def aclose(self) -> None:
-        """Close the shared QMP and guest-agent connections (the VMs keep running)."""
+        """Close the shared QMP and guest-agent connections (the VMs keep running) and the CPU pool."""
         await self.qmp.aclose()
         await self.agents.aclose()
+        self.cpu.close()
 
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
 

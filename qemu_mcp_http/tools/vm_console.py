@@ -13,6 +13,7 @@ from pydantic import Field
 
 from ..context import AppContext
 from ..errors import InvalidInput
+from ..security import client_identity
 from ..targets import HostRequest
 from ._common import (
     HostArg,
@@ -90,7 +91,7 @@ async def vm_console(
             if action == "wait":
                 if pattern is None:
                     raise InvalidInput("pattern", "wait needs a regular expression, e.g. 'login: $'")
-                found = await vms.console_wait(name, pattern, offset, timeout, waiting)
+                found = await vms.console_wait(name, pattern, offset, timeout, waiting, client_identity(ctx))
                 return f"{pattern!r} appeared on the console of {name} at byte {found['offset']}", found
             if action == "screenshot":
                 facts, png = await vms.console_screenshot(name)
