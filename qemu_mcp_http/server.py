@@ -20,7 +20,7 @@ from pydantic import AnyHttpUrl, ValidationError
 
 from . import __version__
 from .bus import RedisSubscriptionBus
-from .changes import ChangeFeed, VMFingerprint, Watcher
+from .changes import ChangeFeed, ScopedBus, VMFingerprint, Watcher
 from .context import AppContext
 from .observability import Metrics, call_record, printable, settle, tool_call
 from .resources import register_resources
@@ -122,10 +122,7 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         app_context.changes = ChangeFeed(redis_bus)
     feed = app_context.changes
 
-    def may_watch(host: str) -> bool:
-        return current_grant(tokens).reaches(host)
-
-    feed.may_watch = may_watch
+    feed.reach = lambda: current_grant(tokens).hosts
     watcher = Watcher(
         feed,
         functools.partial(_fingerprints, app_context),
@@ -171,7 +168,7 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         instructions="Manage QEMU virtual machines on this host or on remote hosts over SSH. The VMs are also "
         "resources (vm://{host}/{name}, /console, /screen) with change notifications.",
         lifespan=lifespan,
-        subscriptions=feed.bus,
+        subscriptions=ScopedBus(feed.bus, feed.reach),  # each listen stream hears only of its token's hosts
         middleware=[feed.listen_middleware, *([] if settings.stateless else [_advertise_list_changed])],
         **auth,
         **extra,
