@@ -10,6 +10,7 @@ them by far), not speed goals.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import time
@@ -23,6 +24,7 @@ import pytest
 
 from qemu_mcp_http.console.pattern import MAX_PATTERN_WEIGHT, compile_pattern, pattern_weight
 from qemu_mcp_http.errors import InvalidInput
+from qemu_mcp_http.tools import list_vms as list_vms_tool
 
 from .inprocess import open_app
 from .support import ServerProcess, open_tools
@@ -191,3 +193,20 @@ async def test_a_client_that_spent_its_cpu_budget_is_told_when_to_return(tmp_pat
         assert second["data"]["error"] == "LimitExceeded", second
         assert "used its CPU budget for console patterns (1 s per minute)" in second["message"], second
         assert "retry" in second["message"]
+
+
+async def test_list_vms_lists_at_most_its_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer's rows are bounded (the event loop serializes them): the rest are counted and the answer says
+    how to narrow it. The bound is 10,000; 2 here."""
+    monkeypatch.setattr(list_vms_tool, "MAX_LISTED_VMS", 2)
+    async with open_app(tmp_path) as app, app.tools() as tools:
+        await tools.ok("manage_vm", name="alpha", action="create", arch="x86_64", memory="64M", disk="size=16M")
+        definition = json.loads((app.vm_dir / "alpha" / "vm.json").read_text())
+        for name in ("beta", "gamma"):
+            (app.vm_dir / name).mkdir()
+            (app.vm_dir / name / "vm.json").write_text(json.dumps({**definition, "name": name}))
+        listed = await tools.ok("list_vms")
+        assert listed["data"]["vm_count"] == 3 and listed["data"]["truncated"] is True
+        assert [vm["name"] for vm in listed["data"]["vms"]] == ["alpha", "beta"]
+        assert "the first 2 are listed (data.truncated)" in listed["message"]
+        assert "truncated" not in (await tools.ok("list_vms", filter_name="gamma"))["data"]
