@@ -106,7 +106,10 @@ class Settings:
     )
     pattern_cpu_per_call: float = field(
         default=10.0,
-        metadata={"help": "CPU seconds one vm_console wait may spend searching (its timeout bounds it too)"},
+        metadata={
+            "help": "CPU seconds one vm_console wait may spend searching, counted as the search's running time "
+            "(its timeout bounds it too)"
+        },
     )
     pattern_cpu_per_client: float = field(
         default=30.0,

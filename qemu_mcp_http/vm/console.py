@@ -200,7 +200,7 @@ class ConsoleOps(VMOps):
                     raise InvalidInput(
                         "pattern",
                         f"searching the console for {pattern[:80]!r} used this call's CPU budget ({per_call:g} s, "
-                        "--pattern-cpu-per-call); simplify the pattern",
+                        "--pattern-cpu-per-call, counted as the search's running time); simplify the pattern",
                     )
                 if stop == "client":
                     raise LimitExceeded(
