@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2 as httpx
@@ -60,27 +60,31 @@ class Machine:
         state: dict[str, object] = json.loads(out) if out else {}
         return state
 
-    def logs(self) -> str:
+    def output(self) -> str:
+        """Everything the command printed, stdout and stderr interleaved as they came."""
         proc = podman("logs", self.name, check=False)
-        return (proc.stdout + proc.stderr)[-6000:]
+        # podman logs replays the container's stdout on its stdout and stderr on its stderr: order by line
+        # is lost, so the two are given one after the other.
+        return proc.stdout + proc.stderr
+
+    def logs(self) -> str:
+        """The tail of the output, without pip's notes on index locations this machine lacks."""
+        lines = [line for line in self.output().splitlines() if not line.startswith("WARNING: Location")]
+        return "\n".join(lines)[-6000:]
 
 
-def _fresh_clone(parent: Path) -> Path:
-    """``git clone`` of this repository's committed state (what CI and a new user get, not the work tree)."""
-    clone = parent / "qemu-mcp-http"
-    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], check=True, timeout=120)
-    return clone
-
-
-def _start(name: str, clone: Path, command: str, workdir: Path) -> Machine:
-    """Run ``command`` in the clone, in a bare container on the host network, as root (as on a new machine)."""
+def _start(machine: Machine, command: str, workdir: Path) -> None:
+    """Run ``command`` in a fresh clone, in a bare container on the host network, as root (as on a new machine)."""
+    machine.clone.parent.mkdir(parents=True)
+    # What CI and a new user get: the committed state (not this work tree), cloned.
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(machine.clone)], check=True, timeout=120)
     inputs = pip_inputs()
-    args = ["run", "-d", "--name", name, "--network=host", "--workdir", "/src", "-v", f"{clone}:/src"]
+    args = ["run", "-d", "--name", machine.name, "--network=host", "--workdir", "/src", "-v", f"{machine.clone}:/src"]
     for ulimit in ULIMITS:
         args += ["--ulimit", ulimit]
     # pip's index and proxy settings of this machine, as a config file and a CA bundle at paths of their own:
     # the container's /etc/ssl stays its own (apt's ca-certificates package writes it).
-    conf = inputs.write_config(workdir / f"{name}-pip.conf")
+    conf = inputs.write_config(workdir / f"{machine.name}-pip.conf")
     if conf is not None:
         args += ["-v", f"{conf}:/run/pip.conf:ro", "-e", "PIP_CONFIG_FILE=/run/pip.conf"]
     if inputs.ca_file:
@@ -88,47 +92,102 @@ def _start(name: str, clone: Path, command: str, workdir: Path) -> Machine:
     for mount in inputs.mounts:
         args += ["-v", f"{mount}:{mount}:ro"]
     podman(*args, BASE_IMAGE, "bash", "-c", command, timeout=120)
-    return Machine(name, clone)
 
 
-@pytest.fixture(scope="module")
-def machines() -> Iterator[tuple[Machine, Machine, int]]:
-    """Both bare machines, started at once (their apt and pip work overlaps); removed whatever happens."""
+@dataclass
+class Machines:
+    serve: Machine
+    test: Machine
+    port: int
+    workdir: Path
+    #: time.monotonic() when they were started
+    started: float = field(default_factory=time.monotonic)
+
+    def remove(self) -> None:
+        for machine in (self.serve, self.test):
+            podman("rm", "--force", "--time", "5", machine.name, check=False, timeout=120)
+        # The clones hold root-owned files made inside (venvs): plain rmtree works as root, which the test is.
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+#: Started by :func:`start_early` when the session collects these tests, so that the set-up from nothing
+#: (minutes, mostly apt's downloads) overlaps the rest of the suite; the tests run last (tests/conftest.py).
+_early: Machines | str | None = None
+
+
+def start_machines() -> Machines:
+    """Both bare machines, started at once (their apt and pip work overlaps).
+
+    :raise RuntimeError: podman or the base image is not usable (the message says why).
+    """
     missing = missing_tools()
     if missing:
-        pytest.fail(f"podman is installed but this test also needs: {' '.join(missing)} (apt-get install)")
+        raise RuntimeError(f"podman is installed but this test also needs: {' '.join(missing)} (apt-get install)")
     ensure_base_image()
     ulimits = [arg for ulimit in ULIMITS for arg in ("--ulimit", ulimit)]
     probe = podman("run", "--rm", *ulimits, BASE_IMAGE, "dpkg-query", "-W", "-f=${Status}", "python3", check=False)
     if "install ok installed" in probe.stdout:
-        pytest.fail(f"{BASE_IMAGE} is not bare: it has python3 (rebuild it: deploy/build-base-image.sh --force)")
+        raise RuntimeError(f"{BASE_IMAGE} is not bare: it has python3 (rebuild: deploy/build-base-image.sh --force)")
     workdir = Path(tempfile.mkdtemp(prefix="qmh-fresh-"))
     suffix = secrets.token_hex(4)
-    started: list[Machine] = []
+    port = free_port()
+    serve = Machine(f"qmh-fresh-serve-{suffix}", workdir / "serve" / "qemu-mcp-http")
+    test = Machine(f"qmh-fresh-test-{suffix}", workdir / "test" / "qemu-mcp-http")
+    machines = Machines(serve, test, port, workdir)
     try:
-        port = free_port()
-        serve = _start(
-            f"qmh-fresh-serve-{suffix}",
-            _fresh_clone(workdir / "serve"),
-            f"exec bash scripts/serve --host 127.0.0.1 --port {port}",
-            workdir,
-        )
-        started.append(serve)
-        test = _start(f"qmh-fresh-test-{suffix}", _fresh_clone(workdir / "test"), "bash scripts/test --static", workdir)
-        started.append(test)
-        yield serve, test, port
+        _start(serve, f"exec bash scripts/serve --host 127.0.0.1 --port {port}", workdir)
+        _start(test, "bash scripts/test --static", workdir)
+    except BaseException:
+        machines.remove()
+        raise
+    return machines
+
+
+def start_early() -> None:
+    """Start the machines now, in the background of the rest of the session (a failure is kept for the tests)."""
+    global _early
+    if _early is None and _enabled():
+        try:
+            _early = start_machines()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            _early = f"{exc}"
+
+
+def remove_early() -> None:
+    """Remove what :func:`start_early` started, if the tests did not (deselected, interrupted)."""
+    global _early
+    if isinstance(_early, Machines):
+        _early.remove()
+    _early = None
+
+
+def _enabled() -> bool:
+    return os.environ.get("QEMU_MCP_SKIP_CONTAINER") != "1" and shutil.which("podman") is not None
+
+
+@pytest.fixture(scope="module")
+def machines() -> Iterator[Machines]:
+    """The machines :func:`start_early` started (or started now); removed whatever happens."""
+    global _early
+    started, _early = _early, None
+    if isinstance(started, str):
+        pytest.fail(started)
+    try:
+        if started is None:
+            started = start_machines()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield started
     finally:
-        for machine in started:
-            podman("rm", "--force", "--time", "5", machine.name, check=False, timeout=120)
-        # The clones hold root-owned files made inside (venvs): plain rmtree works as root, which the test is.
-        shutil.rmtree(workdir, ignore_errors=True)
+        started.remove()
 
 
-async def test_serve_command_on_a_bare_machine(machines: tuple[Machine, Machine, int]) -> None:
+async def test_serve_command_on_a_bare_machine(machines: Machines) -> None:
     """`bash scripts/serve` from a fresh clone installs everything, then /healthz and list_vms answer."""
-    serve, _, port = machines
-    base = f"http://127.0.0.1:{port}"
-    began = time.monotonic()
+    serve = machines.serve
+    base = f"http://127.0.0.1:{machines.port}"
+    began = machines.started
     health: dict[str, object] | None = None
     async with httpx.AsyncClient(timeout=5) as http:
         while time.monotonic() - began < SETUP_TIMEOUT:
@@ -153,10 +212,10 @@ async def test_serve_command_on_a_bare_machine(machines: tuple[Machine, Machine,
     assert _pins(frozen) <= _pins((serve.clone / "requirements/runtime.txt").read_text()), frozen
 
 
-async def test_test_command_setup_on_a_bare_machine(machines: tuple[Machine, Machine, int]) -> None:
+async def test_test_command_setup_on_a_bare_machine(machines: Machines) -> None:
     """`bash scripts/test --static` from a fresh clone: apt, the venv from the lock, the lock check, ruff, mypy."""
-    _, test, _ = machines
-    began = time.monotonic()
+    test = machines.test
+    began = machines.started
     while time.monotonic() - began < SETUP_TIMEOUT:
         state = test.state()
         if state.get("Running") is not True and state.get("Status") in ("exited", "stopped"):
@@ -164,11 +223,11 @@ async def test_test_command_setup_on_a_bare_machine(machines: tuple[Machine, Mac
         await asyncio.sleep(5)
     else:
         pytest.fail(f"`bash scripts/test --static` took over {SETUP_TIMEOUT} s:\n{test.logs()}")
-    output = test.logs()
-    assert state.get("ExitCode") == 0, f"`bash scripts/test --static` failed on the bare machine:\n{output}"
+    output = test.output()
+    assert state.get("ExitCode") == 0, f"`bash scripts/test --static` failed on the bare machine:\n{test.logs()}"
     for stage in ("== lock", "== ruff", "== mypy --strict"):
-        assert stage in output, output
-    assert "Success: no issues found" in output, output
+        assert stage in output, test.logs()
+    assert "Success: no issues found" in output, test.logs()
     print(f"\nfresh machine: the test command's set-up and checks passed in {time.monotonic() - began:.0f} s")
 
 

@@ -164,15 +164,23 @@ def pip_inputs() -> PipInputs:
         if found.get(key):
             inputs.config[key] = found[key]
     for key in ("extra-index-url", "find-links", "index-url"):
+        kept = []
         for location in inputs.config.get(key, "").split():
             if not (location.startswith("file://") or location.startswith("/")):
+                kept.append(location)
                 continue
             # A local index or wheel directory; a PEP 503 ".../simple" links to files beside it.
-            top = Path(location.removeprefix("file://").rstrip("/"))
-            if top.name == "simple":
-                top = top.parent
-            if top.is_dir() and str(top) not in inputs.mounts:
+            local = Path(location.removeprefix("file://").rstrip("/"))
+            if not local.is_dir():
+                continue  # absent here, so absent in the build too: pip would only warn once per package
+            kept.append(location)
+            top = local.parent if local.name == "simple" else local
+            if str(top) not in inputs.mounts:
                 inputs.mounts.append(str(top))
+        if kept:
+            inputs.config[key] = " ".join(kept)
+        else:
+            inputs.config.pop(key, None)
     return inputs
 
 
