@@ -26,7 +26,7 @@ from mcp import Client
 from tests.support import ServerProcess, kill_vms_under, open_tools
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SECTIONS = "list,concurrency,start,monitor,remote,resources,guest,console,snapshot,fleet"
+SECTIONS = "list,concurrency,start,monitor,remote,resources,guest,console,snapshot,fleet,hostile"
 
 
 # -- figures -------------------------------------------------------------------------------------

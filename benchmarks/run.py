@@ -1,12 +1,13 @@
 """Benchmarks of qemu-mcp-http with real QEMU and the real MCP client over HTTP, each figure beside its baseline.
 
     .venv/bin/python -m benchmarks.run [--quick] [--json FILE]
-        [--sections list,concurrency,start,monitor,remote,resources,guest,console,snapshot,fleet]
+        [--sections list,concurrency,start,monitor,remote,resources,guest,console,snapshot,fleet,hostile]
 
 Prints a table and writes JSON. Not a test: nothing here passes or fails; the figures go to the README.
 Everything it starts (a server process, QEMUs under a temporary vm_dir, an sshd) is killed by PID at the end.
 Section ``fleet``: list_vms host='*' over 10 SSH hosts of 100 VMs each (10 sshd, their users deleted at the end),
 and 100 concurrent list_vms against 1 replica vs 2 behind HAProxy (with Redis).
+Section ``hostile``: issue 23's slow console pattern and a 32 MiB agent reply, and what others see meanwhile.
 The harness (timing, statistics, report, CLI) is ``benchmarks/harness.py``; each section is a
 ``benchmarks/scenario_<section>.py``.
 """
@@ -22,6 +23,7 @@ from .scenario_concurrency import bench_concurrency
 from .scenario_console import bench_console
 from .scenario_fleet import bench_fleet
 from .scenario_guest import bench_guest
+from .scenario_hostile import bench_hostile
 from .scenario_list import bench_list
 from .scenario_monitor import bench_monitor
 from .scenario_remote import bench_remote
@@ -56,6 +58,8 @@ async def run_sections(bench: Bench, sections: set[str]) -> None:
         await bench_console(bench)
     if "snapshot" in sections:
         await bench_snapshot(bench)
+    if "hostile" in sections:
+        await bench_hostile(bench)
 
 
 async def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,25 @@ class Settings:
     guest_file_limit: int = field(
         default=8 << 20, metadata={"help": "largest file vm_guest read_file / write_file moves, bytes"}
     )
+    # CPU work whose size a client or a guest decides (pattern searches over the console), off the event loop.
+    cpu_workers: int = field(
+        default=2,
+        metadata={
+            "help": "worker threads for CPU work on client or guest input (vm_console wait patterns); one client "
+            "holds at most all but one of them"
+        },
+    )
+    pattern_cpu_per_call: float = field(
+        default=10.0,
+        metadata={
+            "help": "CPU seconds one vm_console wait may spend searching, counted as the search's running time "
+            "(its timeout bounds it too)"
+        },
+    )
+    pattern_cpu_per_client: float = field(
+        default=30.0,
+        metadata={"help": "CPU seconds of pattern searching per client (token or address), refilled over a minute"},
+    )
     # Monitoring.
     monitor_max_duration: float = field(default=86400.0, metadata={"help": "longest monitor_vm_status call"})
     # SSH.

@@ -19,6 +19,7 @@ Tree::
      │    └── QMPUnavailable       no QMP endpoint to talk to
      ├── GuestAgentError           the guest agent answered a command with an error
      │    └── GuestAgentUnavailable  no agent answers (not installed or not running in the guest)
+     │         └── GuestAgentReplyRefused  an answer larger than the command needs (a broken or hostile guest)
      ├── HostError                 the host (local or SSH) failed us; hosts raise only these
      │    ├── HostUnreachable      connect refused / timed out / DNS
      │    ├── HostAuthFailed       wrong password or key
@@ -43,6 +44,7 @@ __all__ = [
     "CommandNotFound",
     "CredentialUnusable",
     "GuestAgentError",
+    "GuestAgentReplyRefused",
     "GuestAgentUnavailable",
     "HostAuthFailed",
     "HostError",
@@ -130,6 +132,10 @@ class GuestAgentError(QemuMcpError):
 
 class GuestAgentUnavailable(GuestAgentError):
     """No guest agent answers: the VM is stopped, or qemu-guest-agent is not installed or not running in it."""
+
+
+class GuestAgentReplyRefused(GuestAgentUnavailable):
+    """The agent's answer was longer or held more elements than the command needs; its channel is dropped."""
 
 
 class HostError(QemuMcpError):

@@ -3,7 +3,8 @@
 - :func:`configure_logging`: human text (default) or one JSON object per line, for every logger.
 - :func:`tool_call`: times one tool call, logs one line when it ends and counts it; while it runs, its
   request id, tool, host and VM ride in a context variable, so every log line of the call carries them.
-- :class:`Metrics`: a per-app Prometheus registry; pool and stream figures are read at scrape time.
+- :class:`Metrics`: a per-app Prometheus registry; pool and stream figures are read at scrape time, and a small
+  task (:meth:`Metrics.sample_loop_lag`) records how late the event loop runs, so that a stall shows.
 
 Nothing here sees a tool's arguments beyond host, VM name and action: no password, token or key reaches a line.
 """
@@ -164,6 +165,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: vm_dirs with a ``qemu_mcp_vms`` series at most (each has a few states).
 MAX_VM_DIR_SERIES = 64
 
+#: How often the event loop's lag is sampled, seconds.
+LAG_SAMPLE_INTERVAL_S = 0.25
+#: Seconds a timer of the event loop fired late: healthy is below a few ms; a stall shows as its length.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: Seconds: a list takes milliseconds, a start waits for QMP, a monitor stream may run for hours.
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 
@@ -187,6 +192,7 @@ class _Sources:
 
     pool: Callable[[], Mapping[str, Any]]
     monitor_streams: Callable[[], int]
+    cpu_seconds: Callable[[], float]
     #: ``{(host, vm_dir): {state: count}}`` as the last list_vms of that directory saw it.
     vms: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
 
@@ -207,6 +213,12 @@ class _StateCollector(Collector):
         for target, n in sorted(pool.get("hosts", {}).items()):
             open_conns.add_metric([target], n)
         yield open_conns
+        cpu = CounterMetricFamily(
+            "qemu_mcp_cpu_work_seconds",
+            "CPU seconds spent by the worker pool on client or guest input (console patterns)",
+        )
+        cpu.add_metric([], self.sources.cpu_seconds())
+        yield cpu
         yield GaugeMetricFamily(
             "qemu_mcp_monitor_streams", "monitor_vm_status calls running now", value=self.sources.monitor_streams()
         )
@@ -227,10 +239,16 @@ class _StateCollector(Collector):
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (several apps in one process never collide)."""
 
-    def __init__(self, pool: Callable[[], Mapping[str, Any]], monitor_streams: Callable[[], int]) -> None:
-        """:param pool: the SSH pool's snapshot; :param monitor_streams: the number of running monitor streams."""
+    def __init__(
+        self,
+        pool: Callable[[], Mapping[str, Any]],
+        monitor_streams: Callable[[], int],
+        cpu_seconds: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        """:param pool: the SSH pool's snapshot; :param monitor_streams: the number of running monitor streams;
+        :param cpu_seconds: CPU seconds the worker pool has spent."""
         self.registry = CollectorRegistry()
-        self._sources = _Sources(pool, monitor_streams)
+        self._sources = _Sources(pool, monitor_streams, cpu_seconds)
         self.tool_calls = Counter(
             "qemu_mcp_tool_calls",
             "tool calls, by tool and outcome (success, failure, cancelled, input_required: a round that asked "
@@ -243,6 +261,13 @@ class Metrics:
             "time from a tool call's arrival to its answer",
             ["tool"],
             buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "qemu_mcp_event_loop_lag_seconds",
+            f"how late the event loop woke from a {LAG_SAMPLE_INTERVAL_S:g} s sleep: an event loop blocked by CPU "
+            "work shows here as the length of the stall",
+            buckets=_LAG_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(_StateCollector(self._sources))
@@ -270,3 +295,11 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def sample_loop_lag(self, interval: float = LAG_SAMPLE_INTERVAL_S) -> None:
+        """Until cancelled: sleep ``interval`` and record how much later than asked the loop woke up."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - asked - interval))

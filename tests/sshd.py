@@ -4,8 +4,9 @@ The sshd runs from its own config with its own host key, inside a network namesp
 own reached over a veth pair (10.200.N.2; the "remote" host has an address of its own, as a
 real one would), falling back to 127.0.0.2 where namespaces cannot be made.  It also listens
 on a second address (10.200.N.3, or 127.0.0.1) whose key is deliberately not in known_hosts.
-A dedicated user logs in with a password or a key.  Teardown kills the VMs by PID, then sshd
-and its children by PID, then removes the namespace.
+A dedicated user logs in with a password or a key; a second user (``other_user``) has a password of its
+own and trusts the same key, as a second account of a real host that the operator's key opens would.
+Teardown kills the VMs by PID, then sshd and its children by PID, then removes the namespace.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class SSHServer:
     second_address: str = "127.0.0.1"
     netns: str | None = None
     user: str = field(default_factory=lambda: USER_PREFIX + secrets.token_hex(4))
+    #: A second account: its own password, and the same authorized key as ``user``.
+    other_user: str = field(default_factory=lambda: USER_PREFIX + secrets.token_hex(4))
+    other_password: str = field(default_factory=lambda: "Pw-" + secrets.token_urlsafe(12), repr=False)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -145,6 +149,11 @@ class SSHServer:
         _run("useradd", "-M", "-d", str(home), "-s", "/bin/sh", self.user)
         _run("chpasswd", stdin=f"{self.user}:{self.password}\n")
         shutil.chown(home, self.user, self.user)
+        other_home = self.root / "other-home"
+        other_home.mkdir()
+        _run("useradd", "-M", "-d", str(other_home), "-s", "/bin/sh", self.other_user)
+        _run("chpasswd", stdin=f"{self.other_user}:{self.other_password}\n")
+        shutil.chown(other_home, self.other_user, self.other_user)
         shutil.chown(self.vm_dir, self.user, self.user)
         self.known_hosts.write_text(self.host_key_line())
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
@@ -155,7 +164,7 @@ class SSHServer:
 HostKey {self.conf_dir}/ssh_host_ed25519_key
 PidFile {self.conf_dir}/sshd.pid
 AuthorizedKeysFile {self.conf_dir}/authorized_keys
-AllowUsers {self.user}
+AllowUsers {self.user} {self.other_user}
 PermitRootLogin no
 PasswordAuthentication yes
 KbdInteractiveAuthentication no
@@ -243,8 +252,9 @@ def sshd_fixture() -> Iterator[SSHServer]:
         if server.netns:
             _drop_netns(server.netns)
         shutil.rmtree(root, ignore_errors=True)
-        subprocess.run(["pkill", "-KILL", "-u", server.user], check=False)
-        subprocess.run(["userdel", server.user], check=False, capture_output=True)
+        for user in (server.user, server.other_user):
+            subprocess.run(["pkill", "-KILL", "-u", user], check=False)
+            subprocess.run(["userdel", user], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session", name="remote_server")

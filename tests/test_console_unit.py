@@ -59,7 +59,7 @@ async def test_wait_times_out_with_the_console_tail(fake_vms: VMManager, fake_ho
     name = await started(fake_vms, fake_host, b"still booting\n")
     with pytest.raises(ConsoleWaitTimeout, match="did not appear") as failure:
         await fake_vms.console_wait(name, "never", 0, 0.2)
-    assert failure.value.details == {"console_tail": ["still booting"], "next_offset": 14}
+    assert failure.value.details == {"console_tail": ["still booting"], "next_offset": 14, "search_cpu_seconds": 0.0}
 
 
 @pytest.mark.parametrize(("pattern", "why"), [("(", "not a valid regular expression"), ("", "regular expression")])

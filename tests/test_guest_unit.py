@@ -37,9 +37,6 @@ async def test_exec_runs_an_argv_or_a_shell_string(fake_vms: VMManager, fake_hos
     assert seen == [(["cat", "-"], b"in"), (["/bin/sh", "-c", "echo $LANG"], b"")]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="an output cut in the middle of a base64 group fails to decode (fixed by the hardening issue)"
-)
 async def test_exec_output_is_bounded(fake_vms: VMManager, fake_host: FakeHost) -> None:
     """A guest writing more than --guest-output-limit gets its output cut and says so."""
     limit = fake_vms.settings.guest_output_limit

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 #: Bottom to top. Names are modules or packages relative to the package; a longer name wins over a shorter one.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("errors", "config", "version", "observability")),
+    ("base", ("errors", "config", "version", "observability", "cpu")),
     # What a VM definition and a console are made of, with no I/O: the capabilities' pure parsers and builders.
     # They sit below the VM core because the definition holds their values (ports, network, cloud-init).
     (

@@ -223,7 +223,9 @@ async def test_named_host(rtools: ToolClient, remote_server: ServerProcess, sshd
     assert listed["data"]["host"] == "lab" and listed["message"].endswith("on lab")
     assert ssh_health(remote_server)["named_hosts"] == ["fenced", "lab"]
     other_user = await rtools.fails("list_vms", host="lab", ssh_user="nobody", vm_dir=str(sshd.vm_dir))
-    assert other_user["data"]["error"] == "HostAuthFailed" and "as nobody" in other_user["message"]
+    assert other_user["data"]["error"] == "InvalidInput" and "may not change ssh_user" in other_user["message"]
+    wrong = await rtools.fails("list_vms", host="lab", ssh_user="nobody", ssh_pwd="x", vm_dir=str(sshd.vm_dir))
+    assert wrong["data"]["error"] == "HostAuthFailed" and "as nobody" in wrong["message"]
     with_pwd = await rtools.ok("list_vms", host="lab", ssh_pwd=sshd.password, vm_dir=str(sshd.vm_dir))
     assert with_pwd["data"]["host"] == "lab"
 
@@ -284,6 +286,51 @@ async def test_server_keys_open_only_named_hosts(sshd: SSHServer, workdir: Path)
             listed = await t.ok("list_vms", host="lab", ssh_key=str(sshd.key), vm_dir=str(sshd.vm_dir))
             assert listed["data"]["host"] == "lab"
             assert (await t.ok("list_vms", **pwd_args(sshd)))["success"]  # the client's own credential: fine
+
+
+async def test_a_call_cannot_point_a_named_host_s_key_at_another_user_or_port(sshd: SSHServer, workdir: Path) -> None:
+    """Issue 23: named host ``lab`` logs in as ``sshd.user`` with the operator's key, which the second account
+    of the same sshd trusts too.  A call may not switch the user (nor the port) that key is tried on: not with
+    ssh_user alone, not by naming the key itself, not with a password beside the key (the key would win).
+    With a password of its own (the other user's) it may; sshd's log shows the key never logged in as the
+    other user."""
+    named = workdir / "users-hosts.json"
+    named.write_text(
+        json.dumps({"lab": {"address": sshd.address, "port": sshd.port, "user": sshd.user, "key": str(sshd.key)}})
+    )
+    (workdir / "users-vms").mkdir()
+    where = {"host": "lab", "vm_dir": str(sshd.vm_dir)}
+    with ServerProcess(
+        vm_dir=workdir / "users-vms",
+        env={
+            "QEMU_MCP_ACCEL": "tcg",
+            "QEMU_MCP_SSH_KNOWN_HOSTS": str(sshd.known_hosts),
+            "QEMU_MCP_SSH_KEY_DIRS": str(sshd.key_dir),
+            "QEMU_MCP_SSH_HOSTS_FILE": str(named),
+        },
+    ) as srv:
+        async with open_tools(srv.url) as t:
+            for extra, field in (
+                ({"ssh_user": sshd.other_user}, "ssh_user"),
+                ({"ssh_user": sshd.other_user, "ssh_key": str(sshd.key)}, "ssh_user"),
+                ({"ssh_user": sshd.other_user, "ssh_key": str(sshd.key), "ssh_pwd": "x"}, "ssh_user"),
+                ({"ssh_port": sshd.unused_port()}, "ssh_port"),
+            ):
+                refused = await t.fails("list_vms", **where, **extra)
+                assert refused["data"]["error"] == "InvalidInput", (extra, refused)
+                assert f"Invalid '{field}'" in refused["message"], refused
+                assert (
+                    "may not change ssh_user or ssh_port unless it brings its own credential (ssh_pwd)"
+                    in (refused["message"])
+                )
+            own = await t.ok("list_vms", **where, ssh_user=sshd.other_user, ssh_pwd=sshd.other_password)
+            assert own["data"]["host"] == "lab"
+            same = await t.ok("list_vms", **where, ssh_user=sshd.user)  # the entry's own user: as configured
+            assert same["data"]["host"] == "lab"
+    log = sshd.log_path.read_text(errors="replace")
+    assert f"Accepted password for {sshd.other_user}" in log
+    assert f"Accepted publickey for {sshd.other_user}" not in log
+    assert f"Accepted publickey for {sshd.user}" in log
 
 
 async def test_remote_hardening(rtools: ToolClient, sshd: SSHServer) -> None:

@@ -5,6 +5,7 @@ hosts (tools, resources, completion), the audit line's client and scope, and mal
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -17,12 +18,13 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import ResourceTemplateReference
+from mcp.shared.subscriptions import ResourcesListChanged
+from mcp_types import ResourceListChangedNotification, ResourceTemplateReference
 
 from qemu_mcp_http.access.tokens import load_tokens
 from qemu_mcp_http.config import Settings
 
-from .support import ServerProcess
+from .support import ServerProcess, wait_for
 
 #: What the issue asks, written out again: (tool, action) -> the least scope that may call it.
 EXPECTED = {
@@ -71,11 +73,12 @@ EXTRA: dict[tuple[str, str | None], dict[str, Any]] = {
 def scoped(workdir: Path) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
     root = workdir / "scoped"
     (root / "vms").mkdir(parents=True)
-    tokens = {who: secrets.token_urlsafe(24) for who in ("reader", "operator", "boss", "legacy", "fenced")}
+    tokens = {who: secrets.token_urlsafe(24) for who in ("reader", "operator", "boss", "legacy", "fenced", "homebound")}
     (root / "tokens").write_text(
         f"# client-id token [scope] [hosts=...]\nreader {tokens['reader']} read\n"
         f"operator {tokens['operator']} operate\n"
         f"boss {tokens['boss']} admin\nlegacy {tokens['legacy']}\nfenced {tokens['fenced']} admin hosts=lab,ci\n"
+        f"homebound {tokens['homebound']} read hosts=localhost\n"
     )
     with ServerProcess(
         vm_dir=root / "vms",
@@ -90,10 +93,10 @@ def scoped(workdir: Path) -> Iterator[tuple[ServerProcess, dict[str, str]]]:
 
 
 @contextlib.asynccontextmanager
-async def as_client(url: str, token: str, mode: str = "2026-07-28") -> AsyncIterator[Client]:
+async def as_client(url: str, token: str, mode: str = "2026-07-28", on_message: Any = None) -> AsyncIterator[Client]:
     async with (
         create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
-        Client(streamable_http_client(url, http_client=http), mode=mode) as client,
+        Client(streamable_http_client(url, http_client=http), mode=mode, message_handler=on_message) as client,
     ):
         yield client
 
@@ -172,6 +175,62 @@ async def test_a_token_limited_to_hosts(scoped: tuple[ServerProcess, dict[str, s
     finally:
         async with as_client(server.url, tokens["boss"]) as boss:
             await boss.call_tool("manage_vm", {"name": "mine", "action": "delete"})
+
+
+async def test_list_changes_reach_only_the_tokens_that_see_the_host(
+    scoped: tuple[ServerProcess, dict[str, str]],
+) -> None:
+    """A VM created on localhost: ``list_changed`` reaches the listen streams and subscribed sessions of the
+    tokens that may see localhost (``boss``: every host; ``homebound``: hosts=localhost), and never those of
+    ``fenced`` (hosts=lab,ci), on either protocol generation."""
+    server, tokens = scoped
+    heard: dict[str, list[str]] = {}
+
+    async def listening(stack: contextlib.AsyncExitStack, who: str, uri: str) -> None:
+        new_key, old_key = f"{who} listen", f"{who} subscribe"
+        heard[new_key], heard[old_key] = [], []
+
+        async def on_message(message: Any) -> None:
+            if isinstance(message, ResourceListChangedNotification):
+                heard[old_key].append("list_changed")
+
+        old = await stack.enter_async_context(as_client(server.url, tokens[who], "legacy", on_message))
+        await old.subscribe_resource(uri)
+        new = await stack.enter_async_context(as_client(server.url, tokens[who]))
+        stream = await stack.enter_async_context(new.listen(resources_list_changed=True))
+
+        async def read() -> None:
+            async for event in stream:
+                if isinstance(event, ResourcesListChanged):
+                    heard[new_key].append("list_changed")
+
+        reader = asyncio.create_task(read())
+        stack.push_async_callback(_cancel, reader)
+
+    async with contextlib.AsyncExitStack() as stack:
+        await listening(stack, "boss", "vm://localhost/anything")
+        await listening(stack, "homebound", "vm://localhost/anything")
+        await listening(stack, "fenced", "vm://lab/anything")
+        async with as_client(server.url, tokens["boss"]) as boss:
+            create = {"name": "listed", "action": "create", "arch": "x86_64", "memory": "64M", "disk": "size=16M"}
+            made = (await boss.call_tool("manage_vm", create)).structured_content
+            assert made is not None and made["success"], made
+            try:
+                wanted = ("boss listen", "boss subscribe", "homebound listen", "homebound subscribe")
+
+                async def all_heard() -> bool:
+                    return all(heard[key] for key in wanted)
+
+                assert await wait_for(all_heard, 15, interval=0.05), heard
+                await asyncio.sleep(1.0)  # whatever else was sent has arrived by now
+            finally:
+                await boss.call_tool("manage_vm", {"name": "listed", "action": "delete"})
+    assert heard["fenced listen"] == [] and heard["fenced subscribe"] == [], heard
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.mark.parametrize(

@@ -3,35 +3,36 @@
 The serial console is a unix-socket chardev whose every byte QEMU also appends to ``console.log``: reads and
 waits follow the log (by byte offset, so a client can follow it), input goes to the socket (one client at a
 time, as QEMU serves it; the connection is held only to write).  Everything the console shows is written by the
-guest: sizes are bounded, and a client's regular expression is searched with a time limit (the ``regex``
-module), so that neither side can make the server spin.
+guest: sizes are bounded, and a client's regular expression is checked for size before it is compiled and
+searched off the event loop, in the server's CPU pool, within the call's timeout and CPU budgets
+(:mod:`.pattern`, :mod:`..cpu`), so that neither side can make the server spin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import regex
 
-from ..errors import InvalidInput, SocketUnavailable, VMStateError
+from ..errors import InvalidInput, LimitExceeded, SocketUnavailable, VMStateError
 from ..vm.spec import validate_name
 from ..vm.vmdir import VMDir
+from .pattern import MAX_LINE_BYTES, LineSearch, compile_pattern, search_lines
 from .text import decode_console, strip_terminal_escapes, tail_lines
 
 __all__ = ["ConsoleWaitTimeout", "SerialConsole"]
 
 Progress = Callable[[float, str], Awaitable[None]]
+#: What ended a search early: the call's time, its CPU budget, the client's budget (``None``: nothing).
+StopReason = Literal["time", "call", "client"] | None
 #: The most a read returns, and the most text one send writes.
 MAX_READ_BYTES = 256 * 1024
 MAX_SEND_BYTES = 64 * 1024
-#: The longest line a wait keeps looking at (a guest may print megabytes without a newline).
-MAX_LINE_BYTES = 64 * 1024
-#: Time one regular-expression search may take over one line.
-SEARCH_SECONDS = 0.5
 #: How long a send stays connected: a base, plus the time the guest's UART takes for the bytes.
 LINGER_BASE_S = 0.3
 LINGER_BYTES_PER_S = 5000
@@ -117,40 +118,46 @@ class SerialConsole:
         offset: int | None,
         timeout: float,
         progress: Progress | None = None,
+        client: str = "local",
     ) -> dict[str, Any]:
         """Until ``pattern`` (a regular expression) matches a line of the console (escape sequences stripped;
         the line being written counts too, so a prompt without a newline is found), from byte ``offset`` or from
         now. Returns the match, the offset of its line and the lines around it.
 
-        :raise InvalidInput: a bad pattern, offset or timeout.
+        ``timeout`` bounds the whole call, searching included.  The search runs in the server's CPU pool
+        (:mod:`..cpu`), within ``--pattern-cpu-per-call`` CPU seconds and the budget of ``client``.
+
+        :raise InvalidInput: a bad pattern, offset or timeout; a pattern that took too long on one line, or
+            spent the call's CPU budget.
+        :raise LimitExceeded: ``client`` has spent its CPU budget for patterns.
         :raise ConsoleWaitTimeout: no match within ``timeout`` (details: the console's last lines).
         """
-        if not isinstance(pattern, str) or not pattern or len(pattern) > 4096:
-            raise InvalidInput("pattern", "give a regular expression of at most 4096 characters, e.g. 'login: $'")
-        try:
-            compiled = regex.compile(pattern, regex.MULTILINE)
-        except regex.error as exc:
-            raise InvalidInput("pattern", f"{pattern!r} is not a valid regular expression: {exc}") from exc
+        compiled = compile_pattern(pattern)
         if not math.isfinite(timeout) or not 0 < timeout <= self.vms.settings.max_wait_timeout:
             raise InvalidInput(
                 "timeout", f"{timeout!r} must be seconds above 0, at most {self.vms.settings.max_wait_timeout:g}"
             )
         if offset is not None and (isinstance(offset, bool) or offset < 0):
             raise InvalidInput("offset", f"{offset!r} must be a byte offset >= 0")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline, next_report, delay = began + timeout, began, 0.05
         definition = await self.vms.store.load(validate_name(name))
         log = self.vms.store.paths(definition.name).console_log
         io_timeout = self.vms.settings.command_timeout
         if offset is None:
             _, offset = await self.vms.host.read_range(log, offset=None, length=0, timeout=io_timeout)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadline, next_report, delay = began + timeout, began, 0.05
         position, carry = offset, b""
         seen: list[str] = []
+        cpu_spent, searched_carry = 0.0, False
+        per_call = self.vms.settings.pattern_cpu_per_call
         while True:
-            data, size = await self.vms.host.read_range(log, offset=position, length=MAX_READ_BYTES, timeout=io_timeout)
+            read_timeout = min(io_timeout, max(1.0, deadline - loop.time()))  # the call's timeout bounds it all
+            data, size = await self.vms.host.read_range(
+                log, offset=position, length=MAX_READ_BYTES, timeout=read_timeout
+            )
             if size < position:  # the log started again (QEMU restarted without logappend)
-                position, carry = 0, b""
+                position, carry, searched_carry = 0, b"", False
                 continue
             start = position - len(carry)
             buffer = carry + data
@@ -159,27 +166,46 @@ class SerialConsole:
             if len(carry) > MAX_LINE_BYTES:
                 complete.append(carry)
                 carry = b""
-            for line in [*complete, carry]:
-                text = strip_terminal_escapes(decode_console(line[:MAX_LINE_BYTES]))
-                found = self._search(compiled, text)
-                if found is not None:
+            lines = [*complete, carry] if data or not searched_carry else []
+            searched_carry = True
+            if lines:
+                found, spent, stop = await self._search(compiled, lines, deadline, per_call - cpu_spent, client)
+                cpu_spent += spent
+                if found.index is not None:
+                    line = lines[found.index]
+                    at = start + sum(len(earlier) + 1 for earlier in lines[: found.index])
                     return {
-                        "match": found.group(0)[:1000],
-                        "groups": [g[:1000] if isinstance(g, str) else None for g in found.groups()[:20]],
-                        "offset": start,
-                        "next_offset": start + len(line) + (1 if line is not carry else 0),
-                        "context": [*seen[-5:], text[:1000]],
+                        "match": found.match,
+                        "groups": found.groups,
+                        "offset": at,
+                        "next_offset": at + len(line) + (1 if found.index < len(complete) else 0),
+                        "context": [*[*seen, *found.tail][-5:], found.text[:1000]],
                         "waited_seconds": round(loop.time() - began, 3),
                     }
-                if line is not carry:
-                    seen = [*seen[-5:], text[:1000]]
-                    start += len(line) + 1
+                if stop == "call":
+                    raise InvalidInput(
+                        "pattern",
+                        f"searching the console for {pattern[:80]!r} used this call's CPU budget ({per_call:g} s, "
+                        "--pattern-cpu-per-call, counted as the search's running time); simplify the pattern",
+                    )
+                if stop == "client":
+                    raise LimitExceeded(
+                        f"client {client} used its CPU budget for console patterns "
+                        f"({self.vms.settings.pattern_cpu_per_client:g} s per minute) during this wait; retry later, "
+                        "or use a simpler pattern"
+                    )
+                seen = [*seen, *found.tail[:-1]][-5:]  # the last line searched is the one being written
             now = loop.time()
             if now >= deadline:
+                slow = f"; searching took {cpu_spent:.1f} s of CPU: the pattern is slow" if cpu_spent > 1 else ""
                 raise ConsoleWaitTimeout(
-                    f"{pattern!r} did not appear on the console of VM {definition.name} within {timeout:g} s "
+                    f"{pattern!r} did not appear on the console of VM {definition.name} within {timeout:g} s{slow} "
                     "(details.console_tail: its last lines)",
-                    {"console_tail": await self.vms.console_tail(definition.name), "next_offset": position},
+                    {
+                        "console_tail": await self.vms.console_tail(definition.name),
+                        "next_offset": position,
+                        "search_cpu_seconds": round(cpu_spent, 3),
+                    },
                 )
             if progress is not None and now >= next_report:
                 await progress(now - began, f"waiting for {pattern[:80]!r}")
@@ -187,14 +213,30 @@ class SerialConsole:
             await asyncio.sleep(min(delay, max(0.0, deadline - now)))
             delay = 0.05 if data else min(delay * 1.5, 0.25)
 
-    @staticmethod
-    def _search(compiled: regex.Pattern[str], text: str) -> regex.Match[str] | None:
+    async def _search(
+        self, compiled: regex.Pattern[str], lines: list[bytes], deadline: float, call_left: float, client: str
+    ) -> tuple[LineSearch, float, StopReason]:
+        """Search ``lines`` in the CPU pool within what is left of the call's time, its CPU budget and the
+        client's; says which of them stopped the search, if one did."""
+        time_left = deadline - asyncio.get_running_loop().time()
+        if time_left <= 0:
+            return LineSearch(stopped=True), 0.0, "time"
+        if call_left <= 0:
+            return LineSearch(stopped=True), 0.0, "call"
+        client_left = self.vms.shared.cpu.budgets.level(client)
         try:
-            return compiled.search(text, timeout=SEARCH_SECONDS)
-        except TimeoutError as exc:
-            raise InvalidInput(
-                "pattern", f"searching one console line took more than {SEARCH_SECONDS:g} s; simplify the pattern"
-            ) from exc
+            found, spent = await self.vms.shared.cpu.run(
+                functools.partial(search_lines, compiled, lines),
+                seconds=min(time_left, call_left),
+                client=client,
+                what="console patterns",
+            )
+        except TimeoutError:  # no worker came free in time: the call's time is up
+            return LineSearch(stopped=True), 0.0, "time"
+        if not found.stopped:
+            return found, spent, None
+        least = min(time_left, call_left, client_left)
+        return found, spent, "time" if least == time_left else "call" if least == call_left else "client"
 
 
 async def _linger(reader: asyncio.StreamReader, size: int) -> None:

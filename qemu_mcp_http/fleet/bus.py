@@ -28,6 +28,8 @@ from mcp.server.subscriptions import (
 )
 from redis.exceptions import RedisError
 
+from .changes import HostListChanged
+
 __all__ = ["CHANNEL", "RedisSubscriptionBus", "decode_event", "encode_event"]
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ MAX_MESSAGE_BYTES = 8192
 def encode_event(event: ServerEvent) -> str:
     if isinstance(event, ResourceUpdated):
         return json.dumps({"kind": "resource_updated", "uri": event.uri}, separators=(",", ":"))
+    if isinstance(event, HostListChanged):
+        return json.dumps({"kind": "resources_list_changed", "host": event.host}, separators=(",", ":"))
     kinds = {ResourcesListChanged: "resources_list_changed", ToolsListChanged: "tools_list_changed",
              PromptsListChanged: "prompts_list_changed"}  # fmt: skip
     return json.dumps({"kind": kinds[type(event)]}, separators=(",", ":"))
@@ -59,6 +63,8 @@ def decode_event(raw: bytes | str) -> ServerEvent | None:
     kind = message.get("kind")
     if kind == "resource_updated" and isinstance(message.get("uri"), str):
         return ResourceUpdated(uri=message["uri"])
+    if kind == "resources_list_changed" and isinstance(message.get("host"), str):
+        return HostListChanged(host=message["host"])  # heard only by tokens that reach it (changes.visible)
     simple: dict[str, ServerEvent] = {
         "resources_list_changed": ResourcesListChanged(),
         "tools_list_changed": ToolsListChanged(),

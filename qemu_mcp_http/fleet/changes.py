@@ -7,7 +7,9 @@
   feeds a queue that a task drains, since bus listeners must not block or raise).
 
 Every event goes through the bus, so a bus shared by several server processes (see ``--redis-url``) reaches
-the subscribers of all of them.
+the subscribers of all of them.  A list change names its host (:class:`HostListChanged`), and each subscriber
+hears only of the hosts its token may reach: listen streams through :class:`ScopedBus`, 2025 sessions by the
+hosts recorded when they subscribed; a list change that names no host reaches only tokens without ``hosts=``.
 
 Events come from two places: the tools (a change this server made, at once) and :class:`Watcher`, which
 notices changes made by anything else (a guest powering off, ``kill -9``, another server) by scanning the
@@ -33,7 +35,17 @@ from mcp_types import INVALID_PARAMS, EmptyResult, SubscribeRequestParams, Unsub
 
 from ..errors import QemuMcpError
 
-__all__ = ["ChangeFeed", "VMFingerprint", "Watcher", "parse_vm_uri", "vm_uri", "vm_uris"]
+__all__ = [
+    "ChangeFeed",
+    "HostListChanged",
+    "ScopedBus",
+    "VMFingerprint",
+    "Watcher",
+    "parse_vm_uri",
+    "visible",
+    "vm_uri",
+    "vm_uris",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +73,60 @@ def parse_vm_uri(uri: str) -> tuple[str, str] | None:
     return host, name
 
 
+@dataclass(frozen=True)
+class HostListChanged(ResourcesListChanged):
+    """The VMs of ``host`` appeared or went away (a ``list_changed`` that knows its host)."""
+
+    host: str
+
+
+#: The hosts a subscriber's token may reach; ``None``: every host.
+Reach = frozenset[str] | None
+
+
+def visible(event: ServerEvent, hosts: Reach) -> bool:
+    """Whether a subscriber that may reach ``hosts`` may hear of ``event``."""
+    if hosts is None:
+        return True
+    if isinstance(event, HostListChanged):
+        return event.host in hosts
+    if isinstance(event, ResourcesListChanged):
+        return False  # no host named: only for tokens that reach every host
+    if isinstance(event, ResourceUpdated):
+        parsed = parse_vm_uri(event.uri)
+        return parsed is None or parsed[0] in hosts
+    return True
+
+
+def _narrower(first: Reach, second: Reach) -> Reach:
+    if first is None:
+        return second
+    return first if second is None else first & second
+
+
+class ScopedBus:
+    """The bus as the SDK's listen streams see it: each stream's listener hears only the events of the hosts
+    the token that opened it may reach (``reach()`` is read when the stream subscribes, in its request)."""
+
+    def __init__(self, bus: SubscriptionBus, reach: Callable[[], Reach]) -> None:
+        self.bus = bus
+        self.reach = reach
+
+    async def publish(self, event: ServerEvent) -> None:
+        await self.bus.publish(event)
+
+    def subscribe(self, listener: Callable[[ServerEvent], None]) -> Callable[[], None]:
+        hosts = self.reach()
+        if hosts is None:
+            return self.bus.subscribe(listener)
+
+        def scoped(event: ServerEvent) -> None:
+            if visible(event, hosts):
+                listener(event)
+
+        return self.bus.subscribe(scoped)
+
+
 #: What the watcher compares between two scans of a VM: its definition, whether it runs and its pid.
 VMFingerprint = tuple[str, bool, int | None]
 #: One scan of a host: VM name -> fingerprint, and the pids of its running VMs (local hosts only).
@@ -71,16 +137,18 @@ Scan = Callable[[str], Awaitable[dict[str, VMFingerprint]]]
 class _Legacy:
     session: ServerSession
     uris: set[str] = field(default_factory=set)
+    #: The hosts its token may reach (the narrowest seen over its subscribe requests).
+    hosts: Reach = None
 
 
 class ChangeFeed:
     """Who listens (for the watcher), the 2025 sessions' subscriptions, and publishing."""
 
-    def __init__(self, bus: SubscriptionBus, may_watch: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, bus: SubscriptionBus, reach: Callable[[], Reach] | None = None) -> None:
         self.bus = bus
-        #: Whether the caller of the current request may hear about a host (a token's ``hosts=``).
-        self.may_watch = may_watch or (lambda _host: True)
-        self._listen: dict[int, tuple[bool, frozenset[str]]] = {}
+        #: The hosts the caller of the current request may hear about (a token's ``hosts=``; ``None``: all).
+        self.reach: Callable[[], Reach] = reach or (lambda: None)
+        self._listen: dict[int, tuple[bool, frozenset[str], Reach]] = {}
         self._legacy: dict[int, _Legacy] = {}
         self._interest_changed = asyncio.Event()
         self._outbox: asyncio.Queue[ServerEvent] = asyncio.Queue(maxsize=10_000)
@@ -97,12 +165,14 @@ class ChangeFeed:
         return len(self._listen) + sum(1 for entry in self._legacy.values() if entry.uris)
 
     def wanted_hosts(self) -> tuple[bool, frozenset[str]]:
-        """``(every host, these hosts)``: a listen stream for list changes wants every host; a subscription
-        to a VM wants its host."""
-        every = any(wants_list for wants_list, _ in self._listen.values())
-        uris = [u for _, listened in self._listen.values() for u in listened]
+        """``(every host, these hosts)``: a listen stream for list changes wants every host its token reaches;
+        a subscription to a VM wants its host."""
+        every = any(wants_list and hosts is None for wants_list, _, hosts in self._listen.values())
+        reached = {h for wants_list, _, hosts in self._listen.values() if wants_list and hosts for h in hosts}
+        uris = [u for _, listened, _ in self._listen.values() for u in listened]
         uris += [u for entry in self._legacy.values() for u in entry.uris]
-        return every, frozenset(parsed[0] for parsed in map(parse_vm_uri, uris) if parsed is not None)
+        named = {parsed[0] for parsed in map(parse_vm_uri, uris) if parsed is not None}
+        return every, frozenset(named | reached)
 
     async def interest_changed(self) -> None:
         await self._interest_changed.wait()
@@ -117,9 +187,9 @@ class ChangeFeed:
             return await call_next(ctx)
         wanted = dict((ctx.params or {}).get("notifications") or {})
         uris = frozenset(u for u in wanted.get("resourceSubscriptions") or () if isinstance(u, str))
-        self._check_reach(uris)
+        hosts = self._check_reach(uris)
         key = id(ctx)
-        self._listen[key] = (wanted.get("resourcesListChanged") is True, uris)
+        self._listen[key] = (wanted.get("resourcesListChanged") is True, uris, hosts)
         self._poke()
         try:
             return await call_next(ctx)
@@ -127,28 +197,33 @@ class ChangeFeed:
             self._listen.pop(key, None)
             self._poke()
 
-    def _check_reach(self, uris: Iterable[str]) -> None:
+    def _check_reach(self, uris: Iterable[str]) -> Reach:
+        """The hosts the caller may reach; :raise MCPError: a URI names a host beyond them."""
+        hosts = self.reach()
         for uri in uris:
             parsed = parse_vm_uri(uri)
-            if parsed is not None and not self.may_watch(parsed[0]):
+            if parsed is not None and hosts is not None and parsed[0] not in hosts:
                 raise MCPError(code=INVALID_PARAMS, message=f"this token may not reach host {parsed[0]!r} ({uri})")
+        return hosts
 
     async def on_subscribe(self, ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
         """``resources/subscribe`` (handshake revisions): remembered until unsubscribe or the session ends."""
-        self._check_reach([str(params.uri)])
+        hosts = self._check_reach([str(params.uri)])
         # The SDK has no public way from a handler to its connection; its exit_stack is the documented
         # per-connection teardown (client DELETE, idle timeout, crash).
         connection = ctx.session._connection
         key = id(connection)
         if key not in self._legacy:
-            self._legacy[key] = _Legacy(ctx.session)
+            self._legacy[key] = _Legacy(ctx.session, hosts=hosts)
 
             def gone() -> None:
                 self._legacy.pop(key, None)
                 self._poke()
 
             connection.exit_stack.callback(gone)
-        self._legacy[key].uris.add(str(params.uri))
+        entry = self._legacy[key]
+        entry.hosts = _narrower(entry.hosts, hosts)
+        entry.uris.add(str(params.uri))
         self._poke()
         return EmptyResult()
 
@@ -171,7 +246,7 @@ class ChangeFeed:
         for uri in vm_uris(host, name):
             await self.bus.publish(ResourceUpdated(uri=uri))
         if listed:
-            await self.bus.publish(ResourcesListChanged())
+            await self.bus.publish(HostListChanged(host=host))
 
     def _on_bus_event(self, event: ServerEvent) -> None:
         if isinstance(event, ResourceUpdated) and (parsed := parse_vm_uri(event.uri)) is not None:
@@ -189,6 +264,8 @@ class ChangeFeed:
             while True:
                 event = await self._outbox.get()
                 for entry in list(self._legacy.values()):
+                    if not visible(event, entry.hosts):
+                        continue
                     try:
                         if isinstance(event, ResourceUpdated) and event.uri in entry.uris:
                             await entry.session.send_resource_updated(event.uri)
@@ -300,7 +377,7 @@ class Watcher:
                 for uri in vm_uris(host, name):
                     await self.feed.bus.publish(ResourceUpdated(uri=uri))
         if found.keys() != before.keys() and not listed_by_tool:
-            await self.feed.bus.publish(ResourcesListChanged())
+            await self.feed.bus.publish(HostListChanged(host=host))
 
     # -- local process exits, at once -------------------------------------------------------------
 

@@ -44,14 +44,15 @@ class Fleet:
     async def host(self, request: HostRequest) -> AsyncIterator[Host]:
         """The host a call targets: the local machine, or a pooled SSH connection.
 
-        :raise InvalidInput: the host arguments are malformed, or ``ssh_key`` is not a key clients may use.
+        :raise InvalidInput: the host arguments are malformed, ``ssh_key`` is not a key clients may use, or the
+            call changes a named host's user or port without a credential of its own.
         """
         if request.is_local:
             yield self.local
             return
         if request.ssh_key:
             self._check_client_key(request)
-        target = request.ssh_target(self.named_hosts)
+        target = request.ssh_target(self.named_hosts, client_keys=self.settings.allow_client_ssh_keys)
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await stack.enter_async_context(self.ssh.use(target))

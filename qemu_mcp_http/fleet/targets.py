@@ -129,24 +129,41 @@ class HostRequest:
     def display_name(self) -> str:
         return "localhost" if self.is_local else str(self.host)
 
-    def ssh_target(self, named: Mapping[str, NamedHost] | None = None) -> SSHTarget:
+    def ssh_target(self, named: Mapping[str, NamedHost] | None = None, *, client_keys: bool = False) -> SSHTarget:
         """The SSH connection this request asks for; a named host fills in what the call leaves out.
 
-        A credential in the call (ssh_key or ssh_pwd) replaces the named host's key; ``ssh_port`` other
-        than the default 22 replaces its port.
+        On a named host the entry's key logs in as the entry's user on the entry's port.  A call may log in
+        as another user or on another port only with a credential of its own: ``ssh_pwd``, or an ``ssh_key``
+        when ``client_keys`` (``--allow-client-ssh-keys``: the operator lets clients use the server's keys
+        anywhere).  Otherwise a token limited to one host could try the operator's key as root, or on
+        another port of that address.  A credential in the call replaces the named host's key (``ssh_key``
+        wins over ``ssh_pwd``); ``ssh_port`` other than the default 22 replaces its port.
 
-        :raise InvalidInput: host, ssh_user or the credential is missing or malformed.
+        :raise InvalidInput: host, ssh_user or the credential is missing or malformed, or the call changes a
+            named host's user or port without a credential of its own.
         """
         host = (self.host or "").strip()
         entry = (named or {}).get(host)
         if entry is not None:
-            own_credential = bool(self.ssh_key or self.ssh_pwd)
+            user = self.ssh_user or entry.user
+            port = self.ssh_port if self.ssh_port != 22 else entry.port
+            # The key wins when both are given, so a password beside a server key is not a credential of its own.
+            own_credential = bool(self.ssh_key and client_keys) or bool(self.ssh_pwd and not self.ssh_key)
+            if (user, port) != (entry.user, entry.port) and not own_credential:
+                field_name = "ssh_user" if user != entry.user else "ssh_port"
+                raise InvalidInput(
+                    field_name,
+                    f"named host {host!r} logs in as its own user on its own port with the server's key; a call "
+                    "may not change ssh_user or ssh_port unless it brings its own credential (ssh_pwd"
+                    + (", or an ssh_key" if client_keys else "")
+                    + f"): drop {field_name} to use the named host as configured",
+                )
             return HostRequest(
                 host=entry.address,
-                ssh_port=self.ssh_port if self.ssh_port != 22 else entry.port,
-                ssh_user=self.ssh_user or entry.user,
+                ssh_port=port,
+                ssh_user=user,
                 ssh_pwd=self.ssh_pwd,
-                ssh_key=self.ssh_key if own_credential else entry.key,
+                ssh_key=self.ssh_key if (self.ssh_key or self.ssh_pwd) else entry.key,
             )._target(name=host, known_hosts=entry.known_hosts)
         return self._target()
 

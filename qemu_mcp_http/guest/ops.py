@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import GuestAgentError, GuestAgentUnavailable, InvalidInput
-from ..vm.qga import GuestAgent
+from ..vm.qga import GuestAgent, ReplyLimits, base64_length
 from ..vm.vmdir import VMDir
 
 __all__ = ["GuestOps"]
@@ -58,6 +58,7 @@ class GuestOps:
         :raise OperationTimeout-like GuestAgentError: the command did not end within ``timeout``.
         """
         argv = _argv(command)
+        limit = self.vms.settings.guest_output_limit
         environment = _environment(env)
         if not math.isfinite(timeout) or not 0 < timeout <= self.vms.settings.max_wait_timeout:
             raise InvalidInput(
@@ -79,13 +80,12 @@ class GuestOps:
             pid = started.get("pid") if isinstance(started, dict) else None
             if not isinstance(pid, int):
                 raise GuestAgentError("the guest agent answered guest-exec without a pid")
-            status = await self._wait_exec(agent, pid, began + timeout)
+            status = await self._wait_exec(agent, pid, began + timeout, ReplyLimits.exec_status(limit))
         if status is None:
             raise GuestAgentError(
                 f"the command did not end within {timeout:g} s; it may still run in the guest (pid {pid})",
                 {"pid": pid, "seconds": round(loop.time() - began, 3)},
             )
-        limit = self.vms.settings.guest_output_limit
         stdout, out_cut = _output(status.get("out-data"), limit)
         stderr, err_cut = _output(status.get("err-data"), limit)
         return {
@@ -98,12 +98,15 @@ class GuestOps:
             "seconds": round(loop.time() - began, 3),
         }
 
-    async def _wait_exec(self, agent: GuestAgent, pid: int, deadline: float) -> dict[str, Any] | None:
-        """Poll guest-exec-status with a backoff that starts at a millisecond (fast commands are fast)."""
+    async def _wait_exec(
+        self, agent: GuestAgent, pid: int, deadline: float, limits: ReplyLimits
+    ) -> dict[str, Any] | None:
+        """Poll guest-exec-status with a backoff that starts at a millisecond (fast commands are fast); each
+        answer is read within ``limits`` (its output kept up to ``--guest-output-limit``)."""
         loop = asyncio.get_running_loop()
         delay = 0.001
         while True:
-            status = await _call(agent, "guest-exec-status", {"pid": pid})
+            status = await _call(agent, "guest-exec-status", {"pid": pid}, limits)
             if isinstance(status, dict) and status.get("exited") is True:
                 return status
             if loop.time() >= deadline:
@@ -128,10 +131,12 @@ class GuestOps:
             try:
                 while True:
                     count = min(CHUNK, wanted + 1 - len(data))
-                    chunk = await _call(agent, "guest-file-read", {"handle": handle, "count": count})
+                    chunk = await _call(
+                        agent, "guest-file-read", {"handle": handle, "count": count}, ReplyLimits.file_read(count)
+                    )
                     if not isinstance(chunk, dict):
                         raise GuestAgentError("the guest agent answered guest-file-read with something else")
-                    data += base64.b64decode(str(chunk.get("buf-b64", "")), validate=False)[:count]
+                    data += _unbase64(str(chunk.get("buf-b64", ""))[: base64_length(count)], "file data")[:count]
                     if len(data) > wanted:
                         truncated, data = True, data[:wanted]
                         break
@@ -206,9 +211,9 @@ class GuestOps:
         return _shape_info(out)
 
 
-async def _call(agent: GuestAgent, command: str, arguments: dict[str, Any]) -> Any:
+async def _call(agent: GuestAgent, command: str, arguments: dict[str, Any], limits: ReplyLimits | None = None) -> Any:
     try:
-        return await agent.execute(command, arguments)
+        return await agent.execute(command, arguments, limits=limits)
     except GuestAgentError as exc:
         if isinstance(exc, GuestAgentUnavailable):
             raise
@@ -252,12 +257,23 @@ def _guest_path(path: object) -> str:
 
 
 def _output(data: object, limit: int) -> tuple[str, bool]:
-    """Decoded guest output (UTF-8 with replacement), cut at ``limit`` bytes."""
+    """Decoded guest output (UTF-8 with replacement), cut at ``limit`` bytes.
+
+    :raise GuestAgentError: the output is not base64.
+    """
     if not isinstance(data, str):
         return "", False
-    raw = base64.b64decode(data[: (limit + 3) * 4 // 3 + 4], validate=False)
-    cut = len(raw) > limit or len(data) > (limit + 3) * 4 // 3 + 4
-    return raw[:limit].decode("utf-8", errors="replace"), cut
+    window = base64_length(limit) + 4  # whole base64 groups, one more than ``limit`` needs: a cut shows
+    raw = _unbase64(data[:window], "command output")
+    return raw[:limit].decode("utf-8", errors="replace"), len(raw) > limit or len(data) > window
+
+
+def _unbase64(text: str, what: str) -> bytes:
+    """:raise GuestAgentError: ``text`` is not base64 (the guest's agent sent something else)."""
+    try:
+        return base64.b64decode(text, validate=False)
+    except ValueError as exc:
+        raise GuestAgentError(f"the guest agent sent {what} that is not base64") from exc
 
 
 def _shape_info(raw: dict[str, Any]) -> dict[str, Any]:

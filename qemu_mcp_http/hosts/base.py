@@ -18,12 +18,28 @@ from types import TracebackType
 
 from ..errors import CommandFailed, CommandNotFound, HostError
 
-__all__ = ["SMALL_FILE_MAX", "CommandResult", "FileLock", "FileStat", "Host", "SubdirFiles", "parse_pid"]
+__all__ = [
+    "OFF_LOOP_BYTES",
+    "SCAN_TOTAL_MAX",
+    "SMALL_FILE_MAX",
+    "CommandResult",
+    "FileLock",
+    "FileStat",
+    "Host",
+    "SubdirFiles",
+    "parse_pid",
+]
 
 #: Largest file :meth:`Host.read_files` returns by default. Definitions, pid files, run-time facts and /proc
 #: files are far smaller; a bigger file (planted, or grown by mistake) is not read at all, so that one call
 #: can never make the server read gigabytes.
 SMALL_FILE_MAX = 1 << 20
+#: The most a directory scan reads of all its VMs' files together (ordinary VMs take ~5 KiB: 64 MiB is ~12,000
+#: of them); files beyond it are reported as too big (their VMs unreadable), so a host padding thousands of
+#: definitions to SMALL_FILE_MAX cannot make one scan read gigabytes.
+SCAN_TOTAL_MAX = 64 << 20
+#: Input larger than this is parsed in a worker thread rather than on the event loop (a few ms of work).
+OFF_LOOP_BYTES = 1 << 20
 #: The exit status of a command that does not exist (a shell's convention).
 EXIT_NOT_FOUND = 127
 _KIND = {stat_mod.S_IFREG: "file", stat_mod.S_IFLNK: "link", stat_mod.S_IFDIR: "dir"}

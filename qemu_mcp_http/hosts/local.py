@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import HostError, OperationTimeout, SocketUnavailable
-from .base import EXIT_NOT_FOUND, SMALL_FILE_MAX, FileLock, FileStat, Host, SubdirFiles, parse_pid
+from .base import EXIT_NOT_FOUND, SCAN_TOTAL_MAX, SMALL_FILE_MAX, FileLock, FileStat, Host, SubdirFiles, parse_pid
 
 __all__ = ["LocalHost"]
 
@@ -224,7 +224,11 @@ def _read_range(path: str, offset: int | None, length: int) -> tuple[bytes, int]
         os.close(fd)
 
 
-def _scan_subdirs(directory: str, filenames: tuple[str, ...], pidfile: str) -> dict[str, SubdirFiles]:
+def _scan_subdirs(
+    directory: str, filenames: tuple[str, ...], pidfile: str, max_total: int = SCAN_TOTAL_MAX
+) -> dict[str, SubdirFiles]:
+    """Every subdirectory's small files, at most ``max_total`` bytes of them all (the rest: too big)."""
+    total = 0
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError:
@@ -242,9 +246,10 @@ def _scan_subdirs(directory: str, filenames: tuple[str, ...], pidfile: str) -> d
         oversized: set[str] = set()
         for filename in dict.fromkeys([*filenames, pidfile]):
             path = f"{entry.path}/{filename}"
-            files[filename] = _read_small(path, SMALL_FILE_MAX)
-            if files[filename] is None and _is_big_file(path):
+            files[filename] = _read_small(path, min(SMALL_FILE_MAX, max_total - total))
+            if files[filename] is None and _is_big_file(path, min(SMALL_FILE_MAX, max_total - total)):
                 oversized.add(filename)
+            total += len(files[filename] or b"")
         pid = parse_pid(files.get(pidfile))
         cmdline = _read_small(f"/proc/{pid}/cmdline", SMALL_FILE_MAX) if pid is not None else None
         found[entry.name] = SubdirFiles(
@@ -253,12 +258,12 @@ def _scan_subdirs(directory: str, filenames: tuple[str, ...], pidfile: str) -> d
     return found
 
 
-def _is_big_file(path: str) -> bool:
+def _is_big_file(path: str, max_bytes: int = SMALL_FILE_MAX) -> bool:
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat_mod.S_ISREG(st.st_mode) and st.st_size > SMALL_FILE_MAX
+    return stat_mod.S_ISREG(st.st_mode) and st.st_size > max_bytes
 
 
 def _write_atomic(path: str, data: bytes) -> None:

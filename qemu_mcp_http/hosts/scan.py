@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import HostError
-from .base import SMALL_FILE_MAX, SubdirFiles
+from .base import SCAN_TOTAL_MAX, SMALL_FILE_MAX, SubdirFiles
 
 __all__ = ["ScanChanged", "parse_scan", "scan_argv"]
 
@@ -17,10 +17,11 @@ __all__ = ["ScanChanged", "parse_scan", "scan_argv"]
 #: and file names arrive as positional parameters (each quoted by ``shlex.join``), never as program text.
 #: Only names a VM may have are scanned, so every path is safe to print on a line; contents are framed by
 #: their sizes from ``wc -c``, and the parser checks the total (a file that changed in between: scan again).
-#: Symbolic links are reported (``L``), never followed; files over ``max`` bytes are reported (``B``), never read
-#: (nor is a pid file read before its size is known: ``read`` of a huge file without a newline would take minutes).
+#: Symbolic links are reported (``L``), never followed; files over ``max`` bytes, and files past ``maxtotal`` bytes
+#: of them all, are reported (``B``), never read (nor is a pid file read before its size is known: ``read`` of a
+#: huge file without a newline would take minutes).
 _SCAN_SCRIPT = r"""
-dir=$1; pidfile=$2; max=$3; shift 3
+dir=$1; pidfile=$2; max=$3; maxtotal=$4; shift 4
 cd -- "$dir" 2>/dev/null || exit 0
 names=$*
 set --
@@ -36,13 +37,15 @@ for d in *; do
 done
 sz=
 procs=
+total=0
 if [ $# -gt 0 ]; then
   # wc -c takes a regular file's size from stat; only /proc files (size 0) are read to count them.
   sizes=$(wc -c -- "$@")
   set --
   while read -r n p; do
     [ "$p" = total ] && continue
-    if [ "$n" -gt "$max" ]; then echo "B $p"; continue; fi
+    if [ "$n" -gt "$max" ] || [ $((total + n)) -gt "$maxtotal" ]; then echo "B $p"; continue; fi
+    total=$((total + n))
     set -- "$@" "$p"
     sz="$sz$n $p
 "
@@ -81,9 +84,15 @@ class ScanChanged(Exception):
     """A file changed between the sizes and the contents of a scan; scanning again settles it."""
 
 
-def scan_argv(directory: str, filenames: Sequence[str], pidfile: str, max_bytes: int = SMALL_FILE_MAX) -> list[str]:
+def scan_argv(
+    directory: str,
+    filenames: Sequence[str],
+    pidfile: str,
+    max_bytes: int = SMALL_FILE_MAX,
+    max_total: int = SCAN_TOTAL_MAX,
+) -> list[str]:
     """The command of a directory scan; its output is read by :func:`parse_scan`."""
-    return ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, str(max_bytes), *filenames]
+    return ["sh", "-c", _SCAN_SCRIPT, "scan", directory, pidfile, str(max_bytes), str(max_total), *filenames]
 
 
 def parse_scan(output: bytes, filenames: Sequence[str]) -> dict[str, SubdirFiles]:

@@ -38,7 +38,7 @@ from ..errors import (
     OperationTimeout,
     SocketUnavailable,
 )
-from .base import SMALL_FILE_MAX, FileLock, FileStat, Host, SubdirFiles
+from .base import OFF_LOOP_BYTES, SCAN_TOTAL_MAX, SMALL_FILE_MAX, FileLock, FileStat, Host, SubdirFiles
 from .pool import SSHConnection, SSHPool, SSHTarget
 from .scan import ScanChanged, parse_scan, scan_argv
 
@@ -321,7 +321,7 @@ class SSHHost(Host):
     ) -> dict[str, SubdirFiles]:
         # One exec instead of a listing and three batches of SFTP reads (13 round trips -> 3).
         wanted = list(dict.fromkeys([*filenames, pidfile]))
-        argv = scan_argv(directory, wanted, pidfile, SMALL_FILE_MAX)
+        argv = scan_argv(directory, wanted, pidfile, SMALL_FILE_MAX, SCAN_TOTAL_MAX)
 
         async def scan() -> dict[str, SubdirFiles]:
             for _ in range(3):
@@ -329,7 +329,9 @@ class SSHHost(Host):
                 if returncode != 0:
                     raise CommandFailed(["sh"], returncode, err.decode(errors="replace"))
                 try:
-                    return parse_scan(out, filenames)
+                    if len(out) <= OFF_LOOP_BYTES:
+                        return parse_scan(out, filenames)
+                    return await asyncio.to_thread(parse_scan, out, filenames)  # up to SCAN_TOTAL_MAX: not here
                 except ScanChanged:
                     continue  # a VM started or stopped under the scan
             raise HostError(f"the files of {directory} on {self.name} kept changing while being read; retry")

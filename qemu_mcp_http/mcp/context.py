@@ -17,6 +17,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus
 from ..access.grants import Grant
 from ..config import Settings
 from ..console.links import ConsoleLinks
+from ..cpu import CpuPool
 from ..fleet.changes import ChangeFeed, Watcher
 from ..fleet.hosts import Fleet
 from ..fleet.shutdown import ShutdownSignal
@@ -57,10 +58,13 @@ class AppContext:
     def __post_init__(self) -> None:
         """:raise ValueError: the named-hosts file is unreadable or malformed."""
         self.shared.qmp.idle_timeout = self.settings.qmp_idle_hold
+        cpu = self.shared.cpu = CpuPool(self.settings.cpu_workers, self.settings.pattern_cpu_per_client)
         self.fleet = Fleet(self.settings)
         self.managers = VMManagers(self.fleet, self.settings, self.shared)
         streams = self.monitor_streams
-        self.metrics = Metrics(pool=self.fleet.ssh.snapshot, monitor_streams=lambda: streams.running)
+        self.metrics = Metrics(
+            pool=self.fleet.ssh.snapshot, monitor_streams=lambda: streams.running, cpu_seconds=lambda: cpu.cpu_seconds
+        )
 
     async def __aenter__(self) -> AppContext:
         return self

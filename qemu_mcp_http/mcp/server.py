@@ -25,7 +25,7 @@ from ..access.tokens import SCOPE, StaticTokenVerifier, load_tokens
 from ..config import Settings
 from ..console.links import ConsoleLinks
 from ..fleet.bus import RedisSubscriptionBus
-from ..fleet.changes import ChangeFeed, VMFingerprint, Watcher
+from ..fleet.changes import ChangeFeed, ScopedBus, VMFingerprint, Watcher
 from ..fleet.targets import HostRequest
 from ..observability import Metrics, tool_call
 from ..version import __version__
@@ -133,7 +133,7 @@ def build_mcp(app_context: AppContext, tokens: dict[str, Grant] | None = None) -
         instructions="Manage QEMU virtual machines on this host or on remote hosts over SSH. The VMs are also "
         "resources (vm://{host}/{name}, /console, /screen) with change notifications.",
         lifespan=_lifespan(app_context, redis_bus),
-        subscriptions=feed.bus,
+        subscriptions=ScopedBus(feed.bus, feed.reach),  # each listen stream hears only of its token's hosts
         middleware=[feed.listen_middleware, *([] if settings.stateless else [_advertise_list_changed])],
         **_auth(settings, tokens),
         **extra,
@@ -165,10 +165,7 @@ def _watch_changes(app_context: AppContext, tokens: dict[str, Grant]) -> RedisSu
         app_context.changes = ChangeFeed(redis_bus)
     feed = app_context.changes
 
-    def may_watch(host: str) -> bool:
-        return current_grant(tokens).reaches(host)
-
-    feed.may_watch = may_watch
+    feed.reach = lambda: current_grant(tokens).hosts
     app_context.watcher = Watcher(
         feed,
         functools.partial(_fingerprints, app_context),
@@ -190,7 +187,11 @@ def _lifespan(
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer[AppContext]) -> AsyncIterator[AppContext]:
         async with app_context:
-            tasks = [asyncio.create_task(feed.run()), asyncio.create_task(watcher.run())]
+            tasks = [
+                asyncio.create_task(feed.run()),
+                asyncio.create_task(watcher.run()),
+                asyncio.create_task(app_context.metrics.sample_loop_lag()),
+            ]
             if redis_bus is not None:
                 tasks.append(asyncio.create_task(redis_bus.run()))
             try:

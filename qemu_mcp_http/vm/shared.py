@@ -1,5 +1,5 @@
 """What every VM operation of one server shares: per-VM locks, QMP and guest-agent connections, the accelerator
-probe's verdicts and host facts."""
+probe's verdicts, host facts and the CPU pool for work on client or guest input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from ..cpu import CpuPool
 from ..errors import OperationTimeout
 from .accel import AccelProbe
 from .qga import AgentPool
@@ -23,13 +24,16 @@ class SharedState:
     accel_probe: AccelProbe = field(default_factory=AccelProbe)
     qmp: QMPPool = field(default_factory=QMPPool)
     agents: AgentPool = field(default_factory=AgentPool)
+    #: Worker threads for CPU work on client or guest input (sized from the settings by AppContext).
+    cpu: CpuPool = field(default_factory=lambda: CpuPool(workers=2, client_seconds=30.0))
     #: Facts of a host that do not change while the server runs (clock tick, CPU count), by host identity.
     host_facts: dict[tuple[str, str], object] = field(default_factory=dict)
 
     async def aclose(self) -> None:
-        """Close the shared QMP and guest-agent connections (the VMs keep running)."""
+        """Close the shared QMP and guest-agent connections (the VMs keep running) and the CPU pool."""
         await self.qmp.aclose()
         await self.agents.aclose()
+        self.cpu.close()
 
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import VMNotFound, VMStateError
-from ..hosts.base import Host, parse_pid
+from ..hosts.base import OFF_LOOP_BYTES, Host, SubdirFiles, parse_pid
 from .paths import DEFINITION_FILE, PID_FILE, RUNTIME_FILE, VMPaths
 from .spec import VMDefinition
 
@@ -133,6 +133,16 @@ class VMStore:
         snapshot = await self.host.scan_subdirs(
             self.vm_dir, (DEFINITION_FILE, RUNTIME_FILE, PID_FILE), pidfile=PID_FILE, timeout=self.io_timeout
         )
+        size = sum(len(raw or b"") for found in snapshot.values() for raw in found.files.values())
+        if size <= OFF_LOOP_BYTES:
+            return self._decode_scan(snapshot)
+        # Up to SCAN_TOTAL_MAX of definitions: decoded in a thread, so that the event loop waits at most for
+        # one definition's parse (a 1 MiB file) at a time rather than for all of them.
+        return await asyncio.to_thread(self._decode_scan, snapshot)
+
+    def _decode_scan(
+        self, snapshot: Mapping[str, SubdirFiles]
+    ) -> tuple[list[tuple[VMDefinition, ProcessFacts]], list[str], list[str]]:
         vms: list[tuple[VMDefinition, ProcessFacts]] = []
         broken: list[str] = []
         incomplete: list[str] = []

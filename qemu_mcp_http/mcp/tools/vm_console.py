@@ -66,7 +66,9 @@ async def vm_console(
             if action == "wait":
                 if pattern is None:
                     raise InvalidInput("pattern", "wait needs a regular expression, e.g. 'login: $'")
-                found = await vms.console_wait(name, pattern, offset, timeout, call.progress(timeout))
+                found = await vms.console_wait(
+                    name, pattern, offset, timeout, call.progress(timeout), client_identity(call.ctx)
+                )
                 return f"{pattern!r} appeared on the console of {name} at byte {found['offset']}", found
             if action == "screenshot":
                 facts, png = await vms.console_screenshot(name)
