@@ -132,13 +132,7 @@ class SerialConsole:
         :raise LimitExceeded: ``client`` has spent its CPU budget for patterns.
         :raise ConsoleWaitTimeout: no match within ``timeout`` (details: the console's last lines).
         """
-        compiled = compile_pattern(pattern)
-        if not math.isfinite(timeout) or not 0 < timeout <= self.vms.settings.max_wait_timeout:
-            raise InvalidInput(
-                "timeout", f"{timeout!r} must be seconds above 0, at most {self.vms.settings.max_wait_timeout:g}"
-            )
-        if offset is not None and (isinstance(offset, bool) or offset < 0):
-            raise InvalidInput("offset", f"{offset!r} must be a byte offset >= 0")
+        compiled = self._checked(pattern, offset, timeout)
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline, next_report, delay = began + timeout, began, 0.05
@@ -172,28 +166,9 @@ class SerialConsole:
                 found, spent, stop = await self._search(compiled, lines, deadline, per_call - cpu_spent, client)
                 cpu_spent += spent
                 if found.index is not None:
-                    line = lines[found.index]
-                    at = start + sum(len(earlier) + 1 for earlier in lines[: found.index])
-                    return {
-                        "match": found.match,
-                        "groups": found.groups,
-                        "offset": at,
-                        "next_offset": at + len(line) + (1 if found.index < len(complete) else 0),
-                        "context": [*[*seen, *found.tail][-5:], found.text[:1000]],
-                        "waited_seconds": round(loop.time() - began, 3),
-                    }
-                if stop == "call":
-                    raise InvalidInput(
-                        "pattern",
-                        f"searching the console for {pattern[:80]!r} used this call's CPU budget ({per_call:g} s, "
-                        "--pattern-cpu-per-call, counted as the search's running time); simplify the pattern",
-                    )
-                if stop == "client":
-                    raise LimitExceeded(
-                        f"client {client} used its CPU budget for console patterns "
-                        f"({self.vms.settings.pattern_cpu_per_client:g} s per minute) during this wait; retry later, "
-                        "or use a simpler pattern"
-                    )
+                    match = _match(found, lines, start, len(complete), seen)
+                    return {**match, "waited_seconds": round(loop.time() - began, 3)}
+                self._stop_early(stop, pattern, client)
                 seen = [*seen, *found.tail[:-1]][-5:]  # the last line searched is the one being written
             now = loop.time()
             if now >= deadline:
@@ -212,6 +187,34 @@ class SerialConsole:
                 next_report = now + 2.0
             await asyncio.sleep(min(delay, max(0.0, deadline - now)))
             delay = 0.05 if data else min(delay * 1.5, 0.25)
+
+    def _checked(self, pattern: str, offset: int | None, timeout: float) -> regex.Pattern[str]:
+        """The compiled pattern, once the pattern, the offset and the timeout are known good.
+
+        :raise InvalidInput: one of them is not.
+        """
+        compiled = compile_pattern(pattern)
+        limit = self.vms.settings.max_wait_timeout
+        if not math.isfinite(timeout) or not 0 < timeout <= limit:
+            raise InvalidInput("timeout", f"{timeout!r} must be seconds above 0, at most {limit:g}")
+        if offset is not None and (isinstance(offset, bool) or offset < 0):
+            raise InvalidInput("offset", f"{offset!r} must be a byte offset >= 0")
+        return compiled
+
+    def _stop_early(self, stop: StopReason, pattern: str, client: str) -> None:
+        """:raise InvalidInput: the search spent the call's CPU budget. :raise LimitExceeded: the client's."""
+        s = self.vms.settings
+        if stop == "call":
+            raise InvalidInput(
+                "pattern",
+                f"searching the console for {pattern[:80]!r} used this call's CPU budget ({s.pattern_cpu_per_call:g} "
+                "s, --pattern-cpu-per-call, counted as the search's running time); simplify the pattern",
+            )
+        if stop == "client":
+            raise LimitExceeded(
+                f"client {client} used its CPU budget for console patterns ({s.pattern_cpu_per_client:g} s per "
+                "minute) during this wait; retry later, or use a simpler pattern"
+            )
 
     async def _search(
         self, compiled: regex.Pattern[str], lines: list[bytes], deadline: float, call_left: float, client: str
@@ -237,6 +240,21 @@ class SerialConsole:
             return found, spent, None
         least = min(time_left, call_left, client_left)
         return found, spent, "time" if least == time_left else "call" if least == call_left else "client"
+
+
+def _match(found: LineSearch, lines: list[bytes], start: int, complete: int, seen: list[str]) -> dict[str, Any]:
+    """The answer of a wait whose search matched line ``found.index`` of ``lines`` (read from byte ``start``;
+    the first ``complete`` end with a newline): the match, where its line is, and the lines before it."""
+    assert found.index is not None
+    line = lines[found.index]
+    at = start + sum(len(earlier) + 1 for earlier in lines[: found.index])
+    return {
+        "match": found.match,
+        "groups": found.groups,
+        "offset": at,
+        "next_offset": at + len(line) + (1 if found.index < complete else 0),
+        "context": [*[*seen, *found.tail][-5:], found.text[:1000]],
+    }
 
 
 async def _linger(reader: asyncio.StreamReader, size: int) -> None:
